@@ -13,10 +13,10 @@ tensor operations on the device plan's counters (the decay, the debiased weight)
 ``torch._foreach_lerp_(shadow views, sources, weight)`` for each row, the weight a 0-d tensor of
 the graph (a constant decay: a constant of the graph; never a Python number read at each call: no
 recompilation as it changes, no host sync), then copies the copied buffers. Every tensor it writes
-is a graph input of its own, a view made with the operators' lists (the shadow's views alias its
-flat buffer without overlapping one another), so Inductor writes them in place: no copy, no
-allocation, and on the CPU no kernel of its own (the whole step is one C++ kernel, as the same
-step with ``_foreach_lerp_``).
+is a constant of the graph of its own, guarded by identity (:class:`Lowered`: an alias of a view of
+the shadow's flat buffer, the views not overlapping one another), so Inductor writes them in place:
+no copy, no allocation, and on the CPU no kernel of its own (the whole step is one C++ kernel, as
+the same step with ``_foreach_lerp_``).
 
 Anything else goes through the ``fastema::update_`` operator, which runs the eager update: the
 special cases (stochastic rounding, ``skip_nonfinite``, mixed dtypes, ``update_every``, momentum
@@ -35,12 +35,13 @@ the last bit of the float64 (a warm-up's decay).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 from ...average import DevicePlan, ModelSwap
-from .._tensors.model import TorchModel, static
+from .._tensors.model import TorchModel
 
 __all__ = ["Lowered"]
 
@@ -61,8 +62,16 @@ class Lowered:
     - ``copies``: the copied and integer buffers' destinations (the sources after the ``n``
       averaged);
     - ``plans``: per device, views of the plan's counters ``(calls and updates, last, norms)``:
-      calls and updates one view, both advanced by one (each tensor input costs the compiled
-      step ~7k instructions at every call: its guard and its size check).
+      calls and updates one view, both advanced by one.
+
+    The views, the copies' destinations and the counters are this object's own tensors (made here,
+    held nowhere else in fastema), marked as ``torch._dynamo.mark_static_address(t, guard=True)``
+    marks them and as torch's compiled optimizers mark their state: Dynamo guards each by identity
+    and the graph holds it (a graph attribute, not a tensor input with its metadata guard: -36k of
+    the compiled step's instructions at 32 tensors, the gates' figure). So a refresh that finds the
+    same memory and layout keeps the same objects (nothing recompiles: the shadow's buffer never
+    moves), and when this object goes, every tensor it handed out is emptied (``set_()``): a
+    compiled graph that outlives the average keeps none of its memory alive.
 
     ``ready`` is False where the average is not the plain case (see the module docstring; what may
     change between calls, the options and the schedule, is read while tracing)."""
@@ -76,12 +85,14 @@ class Lowered:
             at = DevicePlan.STATE
             assert at["updates"] == at["calls"] + 1, "calls and updates read as one view"
             counters = [state[at["calls"]:at["updates"] + 1], state[at["last"]:at["last"] + 1]]
-            self.plans[device] = static(counters + [state[at["norms"]:]])
+            self.plans[device] = _own(counters + [state[at["norms"]:]])
         self.ready, self.n = False, 0
         self.sources: list = []
         self.views: list = []
         self.runs: list = []
         self.copies: list = []
+        self.owned = [t for counters in self.plans.values() for t in counters]
+        weakref.finalize(self, _release, self.owned).atexit = False
 
     def refresh(self) -> None:
         """Make the lists again from the side's current tensors (see the class)."""
@@ -110,11 +121,17 @@ class Lowered:
                     start = i + 1
         copy, ints = side.copy, list(side.int_buffers.values())
         dsts = [copy.view(i) for i in range(len(copy.sources))] if copy is not None else []
-        self.n, self.views, self.runs = len(sources), static(views), runs
+        self.n, self.views, self.runs = len(sources), _kept(self.views, _own(views)), runs
         copied = list(copy.sources) if copy is not None else []
         self.sources = sources + copied + [s for s, _ in ints]
-        self.copies = static(dsts + [d for _, d in ints])
+        self.copies = _kept(self.copies, _own(dsts + [d for _, d in ints]))
+        self._hold(self.views + self.copies)
         self.ready = True
+
+    def _hold(self, made: list) -> None:
+        """Hold the tensors of ``made`` not held yet to the end (:func:`_release`)."""
+        held = {id(t) for t in self.owned}
+        self.owned.extend(t for t in made if id(t) not in held)
 
     def trace(self) -> bool:
         """In a traced function: the update written into the graph (True), or nothing (False: the
@@ -139,6 +156,38 @@ class Lowered:
             if self.copies:
                 torch._foreach_copy_(self.copies, sources[n:])
         return _this.in_graph(self.device_plan)             # run while tracing, not at every call
+
+
+def _own(tensors: list) -> list:
+    """Aliases of ``tensors`` that this object alone holds (``detach()``: the same memory, not a
+    view of it, whose base ``set_()`` would not let go), marked as
+    ``torch._dynamo.mark_static_address(t, guard=True)`` marks them (its import is torch._dynamo's:
+    never at construction)."""
+    aliases = [t.detach() for t in tensors]
+    for t in aliases:
+        t._dynamo_static_input_type = "guarded"
+    return aliases
+
+
+def _kept(held: list, made: list) -> list:
+    """``held`` where ``made`` is the same memory and layout tensor for tensor (the objects the
+    compiled graphs guard by identity: nothing recompiles), else ``made``."""
+    if len(held) == len(made) and all(_alike(a, b) for a, b in zip(held, made)):
+        return held
+    return made
+
+
+def _alike(a, b) -> bool:
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def _release(tensors: list) -> None:
+    """Empty ``tensors`` (a dead :class:`Lowered`'s own): a compiled graph that holds them holds no
+    memory of the average's (the graph's guards fail on them: its average is gone)."""
+    for t in tensors:
+        t.set_()
 
 
 def _in_graph(device_plan: DevicePlan) -> bool:

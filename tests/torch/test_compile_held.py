@@ -1,0 +1,132 @@
+"""The plain update written in a compiled graph (``fastema.torch._face.lowered``) hands Dynamo the
+average's own tensors (its shadow views, the copied buffers' destinations, the plan's counters) as
+torch's compiled optimizers hand their state: guarded by identity and held by the graph as its
+constants, not tensor inputs with a metadata guard each. Held here: they are the graph's constants;
+a followed model whose shadow kept its memory compiles nothing again; a compiled step that outlives
+its average keeps none of the average's memory alive; and the update still equals the eager one."""
+import gc
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from models import mlp
+from torch import nn
+
+from fastema.torch import EMA
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _graphs():
+    """A Dynamo backend that keeps each graph it is handed and runs it as it is."""
+    kept = []
+
+    def backend(gm, example_inputs):
+        kept.append(gm)
+        return gm.forward
+    return kept, backend
+
+
+def _step(held: dict):
+    """A step that moves every parameter then updates the average, both read from ``held`` (the
+    average is dropped from it in the last test)."""
+    with torch.no_grad():
+        torch._foreach_add_(list(held["model"].parameters()), 1e-3)
+        held["ema"].update()
+
+
+def test_the_averages_own_tensors_are_constants_of_the_graph_not_its_inputs():
+    """The graph's inputs are the user's tensors alone; the average's views and counters are its
+    constants, each the very tensor the average writes (before: one input each, 12 of the 18)."""
+    model = mlp(8, 16, 4).append(nn.BatchNorm1d(4))
+    held = {"model": model, "ema": EMA(model, 0.9, device_step=True)}
+    kept, backend = _graphs()
+    dynamo.reset()
+    torch.compile(_step, backend=backend, fullgraph=True)(held)
+    (gm,) = kept
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    constants = {id(getattr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert len(inputs) == len(tensors), [n.name for n in inputs]
+    lowered = held["ema"].compiled.lowered
+    written = lowered.views + lowered.copies + lowered.plans["cpu"][:2]   # no debias: norms unread
+    assert len(written) == 6 + 3 + 2                    # copies: 2 BatchNorm buffers and 1 int
+    assert constants == {id(t) for t in written}
+
+
+def test_a_followed_model_whose_shadow_kept_its_memory_compiles_nothing_again():
+    """A parameter registered again (the same tensor) marks the model changed: the next compiled
+    call runs the operator (one more graph), whose eager update follows the model and makes the
+    lists again; the views found at the same memory are the same objects, so the first graph's
+    guards hold again and nothing more compiles (new view objects failed their identity guard: a
+    third graph)."""
+    model = mlp(8, 16, 4)
+    held = {"model": model, "ema": EMA(model, 0.9, device_step=True)}
+    twin = EMA(model, 0.9, device_step=True)
+    kept, backend = _graphs()
+    dynamo.reset()
+    step = torch.compile(_step, backend=backend, fullgraph=True)
+    views = list(held["ema"].compiled.lowered.views)
+    for i in range(6):
+        if i == 2:
+            model[0].weight = model[0].weight                  # registered again: followed
+        step(held)
+        twin.update()
+    assert len(kept) == 2                               # the plain graph, then the operator's
+    assert all(a is b for a, b in zip(held["ema"].compiled.lowered.views, views))
+    for a, b in zip(held["ema"].state_dict()["averaged"].values(),
+                    twin.state_dict()["averaged"].values()):
+        assert torch.equal(a, b)
+    assert held["ema"].updates == twin.updates == 6
+
+
+def _live_tensors_on(storage_at: int) -> list:
+    """Every live plain tensor with memory at the address ``storage_at``."""
+    return [o for o in gc.get_objects()
+            if type(o) in (torch.Tensor, nn.Parameter) and o.layout == torch.strided
+            and not o.is_meta and o.untyped_storage().nbytes()
+            and o.untyped_storage().data_ptr() == storage_at]
+
+
+def test_a_compiled_step_that_outlives_its_average_holds_none_of_its_memory():
+    """The graph holds the average's views as constants; once the average is gone they are empty, so
+    its shadow's memory goes with it (the step and its graph live on)."""
+    model = mlp(8, 16, 4)
+    held = {"model": model, "ema": EMA(model, 0.9, device_step=True)}
+    kept, backend = _graphs()
+    dynamo.reset()
+    step = torch.compile(_step, backend=backend, fullgraph=True)
+    step(held)
+    shadow = held["ema"].compiled.lowered.views[0]
+    at, graph_views = shadow.untyped_storage().data_ptr(), list(held["ema"].compiled.lowered.views)
+    del shadow
+    assert _live_tensors_on(at)                                 # the average's, while it lives
+    del held["ema"], graph_views
+    gc.collect()
+    assert len(kept) == 1 and not _live_tensors_on(at)
+    held["ema"] = EMA(model, 0.9, device_step=True)     # a new average: the step compiles again
+    step(held)                                          # (its guards held the old one's tensors)
+    assert len(kept) == 2 and held["ema"].updates == 1
+
+
+def test_a_sweep_of_averages_under_one_compiled_function_runs_with_a_reset_between_trials():
+    """Each new average compiles the function again, as a new compiled optimizer does, and Dynamo's
+    recompile limit counts the graphs of averages that are gone: the guide's advice for a sweep of
+    more than 8 (``torch.compiler.reset()`` between trials) keeps every trial compiled and right."""
+    model = mlp(8, 16, 4)
+    held = {"model": model}
+    kept, backend = _graphs()
+    step = torch.compile(_step, backend=backend, fullgraph=True)
+    limit = dynamo.config.recompile_limit
+    for trial in range(limit + 2):
+        torch.compiler.reset()
+        held["ema"] = ema = EMA(model, 0.9, device_step=True)
+        twin = EMA(model, 0.9, device_step=True)
+        for _ in range(2):
+            step(held)
+            twin.update()
+        assert ema.updates == twin.updates == 2
+        ours, theirs = ema.state_dict()["averaged"], twin.state_dict()["averaged"]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        del held["ema"], ema, twin
+    assert len(kept) == limit + 2
