@@ -185,9 +185,19 @@ def _alike(a, b) -> bool:
 
 def _release(tensors: list) -> None:
     """Empty ``tensors`` (a dead :class:`Lowered`'s own): a compiled graph that holds them holds no
-    memory of the average's (the graph's guards fail on them: its average is gone)."""
-    for t in tensors:
-        t.set_()
+    memory of the average's (the graph's guards fail on them: its average is gone). Run by the
+    garbage collector wherever a collection lands, inside a compile too: past the Python dispatch
+    modes (a fake-tensor mode would refuse a real tensor) and torch function modes, with the fake
+    tensors' meta flag off for the while (a real tensor's ``set_()`` would go to the meta
+    kernel)."""
+    meta = torch._C._meta_in_tls_dispatch_include()
+    torch._C._set_meta_in_tls_dispatch_include(False)
+    try:
+        with torch._C._DisableTorchDispatch(), torch._C.DisableTorchFunction():
+            for t in tensors:
+                t.set_()
+    finally:
+        torch._C._set_meta_in_tls_dispatch_include(meta)
 
 
 def _in_graph(device_plan: DevicePlan) -> bool:
