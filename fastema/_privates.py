@@ -130,6 +130,16 @@ TABLE: tuple[Private, ...] = (
        "fastema/torch/compat/swa_utils.py fastema/torch/_face/lowered.py",
        "the drop-in's fallback update, as torch's swa_utils makes it; the update lowered into a "
        "compiled graph, which Inductor fuses"),
+    _p("torch._C:_meta_in_tls_dispatch_include", "torch", _T, "fastema/torch/_face/lowered.py",
+       "fake tensors' meta flag, read before a dead average's aliases are emptied wherever the "
+       "collector runs (gone: not switched)"),
+    _p("torch._C:_set_meta_in_tls_dispatch_include", "torch", _T, "fastema/torch/_face/lowered.py",
+       "fake tensors' meta flag, off while a dead average's aliases are emptied (gone: not "
+       "switched)"),
+    _p("torch._C:_DisableTorchDispatch", "torch", _T, "fastema/torch/_face/lowered.py",
+       "a dead average's aliases emptied past the Python dispatch modes (gone: under them)"),
+    _p("torch._C:DisableTorchFunction", "torch", _T, "fastema/torch/_face/lowered.py",
+       "a dead average's aliases emptied past the torch function modes (gone: under them)"),
     _p("torch._C:_set_grad_enabled", "torch", _T, "fastema/_backends/torch_lerp.py",
        "grad mode switched off around torch's lerp_ without torch.no_grad's Python frames"),
     _p("torch.distributed.tensor.placement_types:_StridedShard", "torch", _T,

@@ -35,6 +35,7 @@ the last bit of the float64 (a warm-up's decay).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -189,15 +190,23 @@ def _release(tensors: list) -> None:
     garbage collector wherever a collection lands, inside a compile too: past the Python dispatch
     modes (a fake-tensor mode would refuse a real tensor) and torch function modes, with the fake
     tensors' meta flag off for the while (a real tensor's ``set_()`` would go to the meta
-    kernel)."""
-    meta = torch._C._meta_in_tls_dispatch_include()
-    torch._C._set_meta_in_tls_dispatch_include(False)
+    kernel). Where torch moved one of those switches, without it (``fastema._privates``)."""
+    from ... import _privates
+
+    get_meta = _privates.find("torch._C:_meta_in_tls_dispatch_include")
+    set_meta = _privates.find("torch._C:_set_meta_in_tls_dispatch_include")
+    no_dispatch = _privates.find("torch._C:_DisableTorchDispatch") or contextlib.nullcontext
+    no_function = _privates.find("torch._C:DisableTorchFunction") or contextlib.nullcontext
+    switch = set_meta if get_meta is not None and set_meta is not None and get_meta() else None
+    if switch is not None:
+        switch(False)
     try:
-        with torch._C._DisableTorchDispatch(), torch._C.DisableTorchFunction():
+        with no_dispatch(), no_function():
             for t in tensors:
                 t.set_()
     finally:
-        torch._C._set_meta_in_tls_dispatch_include(meta)
+        if switch is not None:
+            switch(True)
 
 
 def _in_graph(device_plan: DevicePlan) -> bool:
