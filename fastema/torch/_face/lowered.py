@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ...average import DevicePlan, ModelSwap
-from .._tensors.model import TorchModel
+from .._tensors.model import TorchModel, static
 
 __all__ = ["Lowered"]
 
@@ -161,13 +161,9 @@ class Lowered:
 
 def _own(tensors: list) -> list:
     """Aliases of ``tensors`` that this object alone holds (``detach()``: the same memory, not a
-    view of it, whose base ``set_()`` would not let go), marked as
-    ``torch._dynamo.mark_static_address(t, guard=True)`` marks them (its import is torch._dynamo's:
-    never at construction)."""
-    aliases = [t.detach() for t in tensors]
-    for t in aliases:
-        t._dynamo_static_input_type = "guarded"
-    return aliases
+    view of it, whose base ``set_()`` would not let go), marked static and guarded
+    (:func:`~fastema.torch._tensors.model.static`)."""
+    return static([t.detach() for t in tensors], guard=True)
 
 
 def _kept(held: list, made: list) -> list:

@@ -387,11 +387,13 @@ def _unattached_restart() -> bool:
     return False
 
 
-def static(owned: list) -> list:
+def static(owned: list, guard: bool = False) -> list:
     """``owned``, fastema's own tensors, never moved, marked static for cudagraph trees, which skip
     a graph that writes a tensor that is not (issue 37, B5): what
-    ``torch._dynamo.mark_static_address`` sets."""
+    ``torch._dynamo.mark_static_address(t, guard)`` sets. ``guard``: every one of them, guarded by
+    identity and held by the graph as a constant (the plain update's own tensors,
+    :mod:`fastema.torch._face.lowered`); else the CUDA ones, inputs of the graph."""
     for t in owned:
-        if t.is_cuda:
-            t._dynamo_static_input_type = "unguarded"
+        if guard or t.is_cuda:
+            t._dynamo_static_input_type = "guarded" if guard else "unguarded"
     return owned
