@@ -14,7 +14,8 @@ Each test still runs as in a fresh world:
 - after it: the environment variables, the working folder, torch's default dtype and device, grad mode,
   deterministic and anomaly modes, the thread counts (torch, numba: 1), the resource limits, the
   signal handlers and the warning filters are put back as they were before the body; then a
-  collection (FSDP2's reference cycles freed while every rank still talks), a barrier, and a check that
+  collection (FSDP2's reference cycles freed while every rank still talks; what survives it is frozen,
+  gc.freeze, so that the next tests' collections do not walk it), a barrier, and a check that
   every rank ran the same number of collectives (an all-reduce of the job's number within a bound).
 - a world that a test broke is never reused: a rank raised (the parent stops the whole world at
   once: the other ranks may wait in a collective), the test's wall-clock limit passed, a rank died, the
@@ -176,6 +177,7 @@ def _serve(rank: int, size: int, store: str, conn) -> None:
             torch.save(result, os.path.join(out, f"rank{rank}.pt"))
             del result, fn, args
             gc.collect()            # FSDP2 state (reference cycles) freed before the barrier, not in the next test
+            gc.freeze()             # what is left (imports, caches) out of the next collections' walk
         except BaseException:
             text = traceback.format_exc()
             print(f"[rank {rank}] " + text, flush=True)
