@@ -1,7 +1,8 @@
 """The distributed tests' long-lived gloo worlds (tests/worlds.py, through tests/dist.py's run_ranks):
 a world serves test after test with each test's process-global changes put back, and a test that breaks
 it (a rank raised, a collective out of step, the group destroyed, the time limit passed) leaves the next
-test a fresh world; ``fresh=True`` gives a test a world of its own."""
+test a fresh world; ``fresh=True`` gives a test a world of its own; what a test leaves alive is frozen
+(gc.freeze) in the test process and in the ranks, out of the next tests' collections."""
 import os
 
 import pytest
@@ -110,3 +111,31 @@ def test_fresh_gives_a_test_a_world_of_its_own(tmp_path):
     own = [int(r["pid"]) for r in run_ranks(_pid, tmp_path / "own", 1, fresh=True)]
     assert set(own).isdisjoint(shared)
     assert [int(r["pid"]) for r in run_ranks(_pid, tmp_path / "again", 1)] == shared   # the shared one goes on
+
+
+def _frozen(rank, world):
+    import gc
+
+    return {"frozen": torch.tensor(gc.get_freeze_count())}
+
+
+def test_what_a_test_leaves_alive_is_frozen_and_what_it_makes_is_collected(tmp_path):
+    """The test process (tests/conftest.py: as each file starts) and a world's ranks (after each job's
+    collection) freeze what is alive after a collection, so that a test's gc.collect() walks its own
+    objects, not every framework's; a cycle a test makes is collected as before."""
+    import gc
+    import weakref
+
+    assert gc.get_freeze_count() > 10_000                        # torch's objects at least
+
+    class Cycle:
+        pass
+
+    c = Cycle()
+    c.me = c
+    ref = weakref.ref(c)
+    del c
+    gc.collect()
+    assert ref() is None
+    run_ranks(_frozen, tmp_path / "first", 2)                    # the job's imports, then frozen
+    assert all(int(r["frozen"]) > 10_000 for r in run_ranks(_frozen, tmp_path / "second", 2))
