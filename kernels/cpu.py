@@ -48,6 +48,8 @@ E_PARALLEL = bind(functools.partial(njit, inline="always"), HW)
 # as functions of their own, which LLVM inlines when it links them: numba's inlining of a body takes
 # every branch of it before the kinds fold them away (a swap's chunk inlined both packings and four
 # conversions: 3 s of compile a variant, against 0.1 s), and most of CI's compile was these kernels'.
+# So do the plan kernels their plan step (once a call, not per element: compiled and cached once for
+# every variant, where inlined it took 5-6 s of each variant's 8 s of compile).
 E_CALLED = bind(lambda fn: cached(njit(nogil=True)(fn)), HW)
 _POINTERS = {F32: HW["u32_pointer"], F64: HW["f64_pointer"]}
 
@@ -151,7 +153,7 @@ def bema_kernel(shadow_kind, parallel):
 @functools.cache
 def plan_kernel():
     """One ``update()`` call of a model EMA's plan on the host (``_stats.plan_step``)."""
-    plan_step = E.plan_step
+    plan_step = E_CALLED.plan_step
 
     def kernel(state, params, decays, given, w32, w64, flag, keys):
         plan_step(state, params, decays, given, w32, w64, flag, keys)
@@ -169,7 +171,7 @@ def plan_lerp_kernel(shadow_kind, src_kind, stochastic, parallel):
     Arguments: the tables, then ``plan_kernel``'s (``state`` to ``keys``), then ``done``
     (int32[1], the CUDA twin's count of finished blocks; unused here) and ``gi``.
     """
-    plan_step = E.plan_step
+    plan_step = E_CALLED.plan_step
     lerp = lerp_kernel(shadow_kind, src_kind, stochastic, parallel, True)
     WIDE = wide(shadow_kind, src_kind)
 
