@@ -3,7 +3,6 @@ mark and the files' order from the measured times (``durations.json``, see ``tim
 distributed tests' long-lived worlds ended with the session (``worlds.py``).
 
 References and helpers are in ``reference.py``."""
-import gc
 import os
 import signal
 import sys
@@ -50,7 +49,9 @@ def rng():
 
 
 _MEASURED = timings.load()
-pytest_plugins = ["support.shipped"]          # cuda tests: the shipped device code, no compile
+# cuda tests: the shipped device code, no compile; every test: the objects alive when its file starts
+# frozen out of the collector's walk (support/frozen.py)
+pytest_plugins = ["support.shipped", "support.frozen"]
 
 
 def pytest_configure(config):
@@ -84,32 +85,6 @@ def pytest_collection_modifyitems(config, items):
         files.setdefault(item.nodeid.split("::")[0], []).append(item)
     order = sorted(files, key=lambda f: -seconds.get(f, timings.SLOW_S))      # stable: ties keep their order
     items[:] = [item for f in order for item in files[f]]
-
-
-# A test process ends up holding every framework (torch, TensorFlow, JAX, transformers...): about
-# 780,000 objects, which the cyclic collector walked at every full collection (0.47 s on CI's
-# machine), the automatic ones and each gc.collect() of a test (16.5 of 97 CPU seconds over six
-# of the files). They are moved out of its reach (gc.freeze) after a collection: once the test
-# modules are imported, then as each file starts (what the files before it imported or cached).
-# A test's own objects are collected as before; nothing is frozen before a collection has freed
-# what was garbage.
-def _freeze() -> None:
-    gc.collect()
-    gc.freeze()
-
-
-def pytest_collection_finish(session):
-    _freeze()
-
-
-_FILE: list = [None]
-
-
-@pytest.hookimpl(tryfirst=True)          # before the file's fixtures are set up
-def pytest_runtest_setup(item):
-    if item.path != _FILE[0]:
-        _FILE[0] = item.path
-        _freeze()
 
 
 def pytest_sessionfinish(session, exitstatus):

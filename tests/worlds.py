@@ -14,8 +14,9 @@ Each test still runs as in a fresh world:
 - after it: the environment variables, the working folder, torch's default dtype and device, grad mode,
   deterministic and anomaly modes, the thread counts (torch, numba: 1), the resource limits, the
   signal handlers and the warning filters are put back as they were before the body; then a
-  collection (FSDP2's reference cycles freed while every rank still talks; what survives it is frozen,
-  gc.freeze, so that the next tests' collections do not walk it), a barrier, and a check that
+  collection (FSDP2's reference cycles freed while every rank still talks; after the state is put back,
+  where the test imported modules, what is alive is frozen, gc.freeze, so that the next tests'
+  collections do not walk it), a barrier, and a check that
   every rank ran the same number of collectives (an all-reduce of the job's number within a bound).
 - a world that a test broke is never reused: a rank raised (the parent stops the whole world at
   once: the other ranks may wait in a collective), the test's wall-clock limit passed, a rank died, the
@@ -141,6 +142,20 @@ def _trim() -> None:
         pass
 
 
+_FROZEN_AT = [0]                # len(sys.modules) at the rank's last freeze
+
+
+def _freeze_imports() -> None:
+    """After a test, its state put back: where it imported modules, what is alive (the modules, the
+    frameworks' objects) is frozen out of the next collections' walk (gc.freeze; the test process does
+    the same, tests/support/frozen.py). Only then: a frozen object in a garbage cycle is never freed,
+    so freezing after every test would keep, for the rank's life, whatever a later test drops."""
+    gc.collect()
+    if len(sys.modules) != _FROZEN_AT[0]:
+        gc.freeze()
+        _FROZEN_AT[0] = len(sys.modules)
+
+
 def _serve(rank: int, size: int, store: str, conn) -> None:
     """A rank: join the group, then run the jobs the parent sends until it says close or goes away."""
     import numba
@@ -177,7 +192,6 @@ def _serve(rank: int, size: int, store: str, conn) -> None:
             torch.save(result, os.path.join(out, f"rank{rank}.pt"))
             del result, fn, args
             gc.collect()            # FSDP2 state (reference cycles) freed before the barrier, not in the next test
-            gc.freeze()             # what is left (imports, caches) out of the next collections' walk
         except BaseException:
             text = traceback.format_exc()
             print(f"[rank {rank}] " + text, flush=True)
@@ -186,8 +200,9 @@ def _serve(rank: int, size: int, store: str, conn) -> None:
                 conn.recv()                                       # the parent ends the world
             finally:
                 os._exit(1)
-        _trim()
         broken = saved.restore()
+        _freeze_imports()
+        _trim()
         broken = _agreed(job, size, group) or broken
         if broken is None:
             c10d._set_pg_timeout(datetime.timedelta(seconds=_INIT_TIMEOUT_S), group)
