@@ -5,7 +5,8 @@ public paths, on tiny inputs: for each dtype pair of :data:`AVERAGES` (float32, 
 models with float32 averages, bfloat16 averages of bfloat16 and float32 models in both roundings,
 float64 models), ``fastema.torch.EMA``'s first update, swap in and back (``average_parameters``:
 exchanged, packed or through a backup, as the pair needs) and ``copy_to``; then two decays,
-``skip_nonfinite`` and ``WindowAverage`` over a float32 model, and ``FlatShadow``, ``WindowShadow``
+``skip_nonfinite``, the plan on the device (``device_step=True``: the plan-carrying kernels) and
+``WindowAverage`` over a float32 model, and ``FlatShadow``, ``WindowShadow``
 and ``Smoother`` over NumPy arrays. Each runs twice: as is (the serial kernels) and with the launch
 tunables shrunk so that the same tiny inputs take the parallel kernels a real model takes. No kernel
 is listed by hand, so the set follows the launchers. ``--dtypes`` keeps the first uses of some
@@ -185,6 +186,8 @@ def _torch_updates():
         model(), decay=(0.99, 0.999)).update()
     yield "EMA, float32 model, skip_nonfinite", "float32", lambda: EMA(
         model(), skip_nonfinite=True).update()
+    yield "EMA, float32 model, plan on the device", "float32", lambda: EMA(
+        model(), device_step=True).update()
     yield "WindowAverage, float32 model", "float32", lambda: WindowAverage(model(), 4).update()
 
 
