@@ -120,22 +120,15 @@ def _frozen(rank, world):
 
 
 def test_what_a_test_leaves_alive_is_frozen_and_what_it_makes_is_collected(tmp_path):
-    """The test process (tests/conftest.py: as each file starts) and a world's ranks (after each job's
-    collection) freeze what is alive after a collection, so that a test's gc.collect() walks its own
-    objects, not every framework's; a cycle a test makes is collected as before."""
+    """The test process (tests/support/frozen.py: as each file starts) and a world's ranks (after a test
+    that imported modules, its state put back) freeze what is alive after a collection, so that a
+    test's gc.collect() walks its own objects, not every framework's; a cycle a test makes is
+    collected as before."""
     import gc
-    import weakref
+
+    from support.frozen import new_cycle_collected
 
     assert gc.get_freeze_count() > 10_000                        # torch's objects at least
-
-    class Cycle:
-        pass
-
-    c = Cycle()
-    c.me = c
-    ref = weakref.ref(c)
-    del c
-    gc.collect()
-    assert ref() is None
+    assert new_cycle_collected()
     run_ranks(_frozen, tmp_path / "first", 2)                    # the job's imports, then frozen
     assert all(int(r["frozen"]) > 10_000 for r in run_ranks(_frozen, tmp_path / "second", 2))

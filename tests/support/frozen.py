@@ -29,6 +29,22 @@ def freeze() -> None:
     gc.freeze()
 
 
+def new_cycle_collected() -> bool:
+    """Whether a reference cycle made now is freed by ``gc.collect()`` (freezing leaves new objects
+    to the collector)."""
+    import weakref
+
+    class Cycle:
+        pass
+
+    c = Cycle()
+    c.me = c  # type: ignore[attr-defined]
+    ref = weakref.ref(c)
+    del c
+    gc.collect()
+    return ref() is None
+
+
 def pytest_collection_finish(session):
     freeze()
 
