@@ -19,7 +19,9 @@ Framework models: ``fastema.torch.EMA``, ``fastema.jax.EMA``, ``fastema.tensorfl
 Post-hoc EMA: ``fastema.torch.PostHocEMA`` tracks and snapshots profiles,
 ``fastema.posthoc.synthesize(DIR, sigma_rel)`` synthesises any other after training.
 """
-from . import posthoc, schedules
+import sys
+
+from . import ops, posthoc, schedules
 from .flat import FlatShadow
 from .flat_window import WindowShadow
 from .ops import MAX_DECAYS, copy_, ema_update_, ema_update_many_, ema_update_multi_, flag_nonfinite_, swap_
@@ -51,3 +53,15 @@ def clear_caches() -> None:
 
 
 __version__ = "0.2.0"
+
+
+def _torch_operators() -> None:
+    """Register fastema.torch's operators, which route the array functions into ``torch.compile``'s
+    graphs (:data:`fastema.ops.COMPILED`): at import where torch is loaded, else at an array
+    function's first call after torch was (in eager code, or called by Dynamo as it traces)."""
+    from . import torch  # noqa: F401  (its operators install ops.COMPILED)
+
+
+ops.LOADERS["torch"] = _torch_operators
+if "torch" in sys.modules:
+    _torch_operators()

@@ -8,6 +8,7 @@ for torch CUDA tensors). For many tensors at once use :class:`fastema.FlatShadow
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -27,11 +28,33 @@ __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swa
 # "compiling" -> torch.compiler.is_compiling, and function name -> its operator call.
 COMPILED: dict = {}
 
+# Their loader, given by the package root (fastema/__init__.py) under "torch": it imports fastema.torch's
+# operators. An array function that finds torch loaded and _READY empty (torch imported after fastema,
+# fastema.torch never) calls it through _loaded first, so that torch.compile never traces the eager path
+# (numba, the addresses, the roads): Dynamo calls _loaded for real while it traces and takes its result
+# as a constant (what torch.compiler.assume_constant_result marks, marked here without torch:
+# fastema._privates). _READY is read before COMPILED: Dynamo's view of a dict it read stays as read.
+LOADERS: dict = {}
+_READY: list = []
+_MODULES = sys.modules
+
+
+def _loaded() -> bool:
+    """Whether :data:`COMPILED` holds the operators, loaded here where it does not yet."""
+    if not COMPILED and "torch" in LOADERS:
+        LOADERS["torch"]()
+    if COMPILED and not _READY:
+        _READY.append(True)
+    return bool(COMPILED)
+
+
+_loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
 
 def _compilable(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if COMPILED and COMPILED["compiling"]():
+        if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():
             return COMPILED[fn.__name__](*args, **kwargs)
         return fn(*args, **kwargs)
 
@@ -218,7 +241,7 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     Returns:
         ``shadow``.
     """
-    if COMPILED and COMPILED["compiling"]():      # _compilable's wrapper, inlined: the per-step path
+    if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():   # _compilable's, inlined
         return COMPILED["ema_update_"](shadow, src, decay, weight=weight, rounding=rounding, seed=seed, step=step,
                                        skip_if=skip_if)
     if (shadow.__class__ in _ROAD_TYPES and decay.__class__ is float and 0.5 < decay <= 1.0
@@ -331,7 +354,7 @@ def cached_pairs(shadows: list, sources: list) -> pairs.PairShadow | None:
     """The :class:`fastema.pairs.PairShadow` of an earlier :func:`ema_update_many_` call over the same
     memory in the same dtypes, shapes and strides, or None: a miss, arrays with no cheap key, or
     inside ``torch.compile``. The drop-ins' per-step path (then ``.update(...)``)."""
-    if COMPILED and COMPILED["compiling"]():
+    if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():
         return None
     return pairs.cached(shadows, sources)
 

@@ -1,0 +1,88 @@
+"""The array functions inside ``torch.compile`` whatever was imported first: their operators
+(``fastema.ops.COMPILED``) are registered at ``import fastema`` where torch is loaded, else at an
+array function's first call after torch was, in eager code or as Dynamo traces it. Before, only
+``import fastema.torch`` registered them: ``import fastema`` then ``import torch`` (isort's order)
+traced fastema's eager path, numba and the torch road's guard, and failed. Each case a fresh
+interpreter (this one registered them long ago)."""
+import subprocess
+import sys
+
+import pytest
+
+_PRELUDE = """
+import sys
+{first}
+s, x, ref = torch.zeros(16), torch.randn(16), torch.zeros(16)
+
+def step(s, x):
+    fastema.ema_update_(s, x, 0.9)
+    fastema.ema_update_multi_(s.view(1, 16), x, [0.75])
+    return s
+
+def expect(n):
+    for _ in range(n):
+        ref.lerp_(x, 1 - 0.9)
+        ref.lerp_(x, 1 - 0.75)
+    assert torch.equal(s, ref), (s, ref)
+
+def compiled(full):
+    return torch.compile(step, backend="aot_eager", fullgraph=full)
+"""
+
+_FASTEMA_FIRST = "import fastema\nimport torch\n"
+_CASES = {
+    # isort's order, a compiled function first (before: Dynamo traced fastema's eager path and
+    # failed); then a new function
+    "fastema first, compiled first": (_FASTEMA_FIRST, """
+assert not fastema.ops.COMPILED
+compiled(True)(s, x)
+expect(1)
+assert fastema.ops.COMPILED
+torch.compile(lambda s, x: step(s, x), backend="aot_eager", fullgraph=True)(s, x)
+expect(1)
+"""),
+    # isort's order, an eager call first, which keeps the torch road (before: Dynamo traced the
+    # road's guard and failed), then the compiled function
+    "fastema first, eager first": (_FASTEMA_FIRST, """
+step(s, x)
+step(s, x)
+expect(2)
+compiled(True)(s, x)
+expect(1)
+"""),
+    # without fullgraph: no graph break
+    "fastema first, no fullgraph": (_FASTEMA_FIRST, """
+import torch._dynamo.utils as u
+compiled(False)(s, x)
+expect(1)
+assert sum(u.counters["graph_break"].values()) == 0, u.counters["graph_break"]
+"""),
+    # torch first: registered at import (torch._dynamo still unloaded)
+    "torch first": ("import torch\nimport fastema\n", """
+assert fastema.ops.COMPILED and "torch._dynamo" not in sys.modules
+compiled(True)(s, x)
+expect(1)
+"""),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_array_functions_compile_whatever_was_imported_first(case):
+    first, body = _CASES[case]
+    code = _PRELUDE.format(first=first) + body + "\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-4000:]
+
+
+def test_the_mark_dynamo_calls_for_real_is_torchs_own():
+    """``ops._loaded`` is marked as ``torch.compiler.assume_constant_result`` marks a function (it is
+    set without importing torch), and Dynamo's reader of the mark is a row of ``fastema._privates``."""
+    import torch
+
+    from fastema import _privates, ops
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    added = set(vars(marked))
+    assert added == {"_dynamo_marked_constant"} and set(vars(ops._loaded)) >= added
+    assert all(getattr(ops._loaded, a) == getattr(marked, a) for a in added)
+    assert any(row.attr == "_dynamo_marked_constant" for row in _privates.TABLE)
