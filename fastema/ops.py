@@ -25,7 +25,8 @@ __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swa
 
 # Inside torch.compile the array functions go through PyTorch custom operators, which
 # fastema.torch registers here when it is imported (this module knows nothing of torch):
-# "compiling" -> torch.compiler.is_compiling, and function name -> its operator call.
+# "compiling" -> torch.compiler.is_compiling, "dynamo" -> torch.compiler.is_dynamo_compiling (Dynamo
+# tracing: no road), and function name -> its operator call.
 COMPILED: dict = {}
 
 # Their loader, given by the package root (fastema/__init__.py) under "torch": it imports fastema.torch's
@@ -86,12 +87,13 @@ _KEPT: KeptLRU[_Prepared] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 
 # ema_update_'s pairs that the framework's own op updates with fastema's bits (torch's lerp_ of
 # a pair of one dtype, nearest rounding: _backends/torch_lerp.py), by the shadow object's identity,
-# each a road that checks its own guard (both tensors' types, layouts, autograd flags and addresses)
-# before it writes: the op, where the decay is a Python float in (0.5, 1] (torch's FMA branch, w < 0.5:
-# above it the CPU's scalar tail gives a zero's other sign, tests/array/test_lerp_zero_sign.py). Kept
+# each a road (_backends.Road) whose guard (both tensors' types, layouts, autograd flags and addresses)
+# ema_update_ checks before the op writes, where the decay is a Python float in (0.5, 1] (torch's FMA
+# branch, w < 0.5: above it the CPU's scalar tail gives a zero's other sign,
+# tests/array/test_lerp_zero_sign.py) and the call is not being traced (Dynamo: the operator). Kept
 # after a first call's every check, where no stand-in driver or adapter is given, and read only there
 # (_ROAD: the entry as kept, one C call).
-_ROADS: KeptLRU[Callable] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
+_ROADS: KeptLRU[_backends.Road] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 _ROAD = _ROADS.entry
 _ROAD_TYPES: set = set()                   # the shadows' types a road was kept for: others skip _ROADS
 _CHOSEN, _GIVEN = _launch.CHOSEN_DRIVERS, _backends.GIVEN.chosen   # stand-ins given: no road
@@ -241,15 +243,18 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     Returns:
         ``shadow``.
     """
+    if (shadow.__class__ in _ROAD_TYPES and not COMPILED["dynamo"]() and decay.__class__ is float
+            and 0.5 < decay <= 1.0 and weight is None and skip_if is None and rounding == "nearest"
+            and not _CHOSEN and not _GIVEN):         # torch's lerp_ where it gives these bits (not traced)
+        found = _ROAD(id(shadow))
+        if found is not None:
+            check, address, at_s, at_x, lerp = found.value
+            if check(shadow, src) and address(shadow) == at_s and address(src) == at_x:
+                lerp(shadow, src, 1.0 - decay)
+                return shadow
     if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():   # _compilable's, inlined
         return COMPILED["ema_update_"](shadow, src, decay, weight=weight, rounding=rounding, seed=seed, step=step,
                                        skip_if=skip_if)
-    if (shadow.__class__ in _ROAD_TYPES and decay.__class__ is float and 0.5 < decay <= 1.0
-            and weight is None and skip_if is None and rounding == "nearest" and not _CHOSEN
-            and not _GIVEN):                       # torch's lerp_ where it gives these bits
-        road = _ROAD(id(shadow))
-        if road is not None and road.value(shadow, src, 1.0 - decay):
-            return shadow
     return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step,
                    skip_if)
 

@@ -30,7 +30,7 @@ A new framework is one more :class:`Backend` subclass here and one line in
 from __future__ import annotations
 
 from . import _buf, dlpack
-from ._base import Backend, Unsupported, no_stream  # noqa: F401  (the protocol)
+from ._base import Backend, Road, Unsupported, no_stream  # noqa: F401  (the protocol)
 from ._buf import (  # noqa: F401  (the boundary's names)
     Buf,
     c_layout,

@@ -4,7 +4,7 @@ overrides what its framework can do, and the defaults either give the framework-
 answer or raise :class:`Unsupported`, naming the adapter and the method."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -14,6 +14,17 @@ from ._buf import Buf
 class Unsupported(NotImplementedError):
     """An adapter was asked for something its framework does not offer (the caller turns it
     into a message for the user where a user can reach it)."""
+
+
+class Road(NamedTuple):
+    """The framework's own op for a pair whose every check passed (:meth:`Backend.lerp_road`), taken
+    by ``ema_update_`` itself: where ``check(s, x)`` holds and ``address(s)``, ``address(x)`` are
+    ``at_s``, ``at_x``, ``lerp(s, x, w)`` writes fastema's bits."""
+    check: Callable[[Any, Any], bool]       # the pair's layout guard: types, dtypes, shapes, strides, flags
+    address: Callable[[Any], int]
+    at_s: int
+    at_x: int
+    lerp: Callable[[Any, Any, float], Any]
 
 
 def no_stream() -> int:
@@ -186,11 +197,10 @@ class Backend:
         grad mode, inference mode) while ``x``'s :meth:`layout_guard` holds."""
         return False
 
-    def lerp_road(self, s, x) -> Callable[[Any, Any, float], bool] | None:
-        """``road(s, x, w)`` where the framework's own op updates the checked pair ``s`` (written)
-        from ``x`` with fastema's bits at nearest rounding for a weight below 0.5: it writes and
-        says True while its guard holds (the same layouts and memory), else writes nothing and says
-        False (torch: :mod:`.torch_lerp`); None: no road."""
+    def lerp_road(self, s, x) -> Road | None:
+        """The :class:`Road` where the framework's own op updates the checked pair ``s`` (written)
+        from ``x`` with fastema's bits at nearest rounding for a weight below 0.5, while the same
+        layouts and memory hold (torch: :mod:`.torch_lerp`); None: no road."""
         return None
 
     def stream_getter(self, device: str) -> Callable[[], Any]:

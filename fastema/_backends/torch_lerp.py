@@ -19,16 +19,19 @@ guard of :mod:`.torch` uses it) at its addresses (other objects of that memory a
 view made anew each step: the same call; not the storage's bytes: a storage resized in place under
 its tensor, to fewer bytes and back at its address, is refused by the full call, and written past its
 end by this road and by torch's own ops, which do not look either). Anything else is fastema's full
-call, which checks again and says what is wrong in its own words. The road is one frame, the guard
-then the op: ``ema_update_`` of 16 float32 elements on the CPU counts about 1.7x the instructions of
-``lerp_`` alone (the gates' figures), where a Python function that calls ``lerp_`` and checks
-nothing is 1.1x; the guard is most of the rest (its C++ check of two tensors about 2.9K, the two
-addresses 1.9K, against ``lerp_``'s 13.5K), then ``torch.compiler.is_compiling`` (1K). A source that
-requires grad is read with grad mode off for the op (fastema's kernel records nothing either)."""
+call, which checks again and says what is wrong in its own words. ``ema_update_`` takes the road in
+its own frame, the guard then the op, where Dynamo is not tracing it: of 16 float32 elements on the
+CPU it counts about 1.65x the instructions of ``lerp_`` alone (the gates' figures; 13.0K), where a
+Python function with its signature that calls ``lerp_`` and checks nothing is 1.1x; the guard is
+most of the rest (its C++ check of two tensors 2.8K, the two addresses 1.75K), then finding the road
+(1.5K) and ``torch.compiler.is_dynamo_compiling`` (0.45K). A source that requires grad is read with
+grad mode off for the op (fastema's kernel records nothing either)."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
+
+from ._base import Road
 
 
 @functools.cache
@@ -57,13 +60,13 @@ def _fma_on_cpu() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def road(s, x, guards: Any) -> Callable[[Any, Any, float], bool] | None:
-    """``go(s, x, w)``: the road of a pair that fastema's checks passed (``s`` written, ``x`` read;
-    ``guards``: torch's ``TensorGuards``, None where this torch has no sound one), which writes
-    ``lerp(s, x, w)`` and says True where its guard holds, else writes nothing and says False; or
-    None where torch's op would not give fastema's bits or its checks might say otherwise later (two
-    dtypes, bfloat16 or float16, whose NaNs torch's op writes with other bits, a tensor subclass, a
-    shadow whose in-place write torch's modes may refuse, a CPU kernel of torch's without FMA)."""
+def road(s, x, guards: Any) -> Road | None:
+    """The :class:`~._base.Road` of a pair that fastema's checks passed (``s`` written, ``x`` read;
+    ``guards``: torch's ``TensorGuards``, None where this torch has no sound one): its guard, both
+    addresses, and ``lerp(s, x, w)`` (grad mode off where ``x`` requires grad); or None where
+    torch's op would not give fastema's bits or its checks might say otherwise later (two dtypes,
+    bfloat16 or float16, whose NaNs torch's op writes with other bits, a tensor subclass, a shadow
+    whose in-place write torch's modes may refuse, a CPU kernel of torch's without FMA)."""
     import torch
 
     plain = (torch.Tensor, torch.nn.Parameter)
@@ -72,14 +75,6 @@ def road(s, x, guards: Any) -> Callable[[Any, Any, float], bool] | None:
             or s.requires_grad or s.is_inference() or torch.is_inference_mode_enabled()
             or (s.is_cpu and not _fma_on_cpu())):
         return None
-    check = guards(s, x, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
     ptr = torch.Tensor.data_ptr
-    at_s, at_x = ptr(s), ptr(x)
-    lerp = _calls()[1 if x.requires_grad else 0]
-
-    def go(a, b, w: float) -> bool:
-        if check(a, b) and ptr(a) == at_s and ptr(b) == at_x:
-            lerp(a, b, w)
-            return True
-        return False
-    return go
+    return Road(guards(s, x, dynamic_dims_sizes=None, dynamic_dims_strides=None).check, ptr, ptr(s), ptr(x),
+                _calls()[1 if x.requires_grad else 0])

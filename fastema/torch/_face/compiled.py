@@ -377,7 +377,7 @@ def install() -> None:
 
     ops.COMPILED.update(compiling=torch.compiler.is_compiling, ema_update_=_ema_update_,
                         ema_update_multi_=_ema_update_multi_, ema_update_many_=_ema_update_many_,
-                        copy_=_copy_, swap_=_swap_)
+                        copy_=_copy_, swap_=_swap_, dynamo=torch.compiler.is_dynamo_compiling)
 
 
 install()
