@@ -33,9 +33,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..._backends.versions import traced_leaves as _leaves
-
-__all__ = ["Compiled", "after_steps", "compiled_step", "compiled_update", "install"]
+__all__ = ["Compiled", "after_steps", "compiled_step", "compiled_update", "operator"]
 
 _OWNERS: dict[int, weakref.ref] = {}
 _IDS = itertools.count(1)
@@ -133,10 +131,10 @@ def _through(owner: Compiled, written: list, read: list, own_written: list, own_
 # versions of what it writes, as custom_op's did (a tensor saved for backward then written raises).
 
 _LIB = torch.library.Library("fastema", "FRAGMENT")
-_bump = torch.autograd.graph.increment_version
+_bump = bump = torch.autograd.graph.increment_version
 
 
-def _operator(schema: str) -> Callable[[Callable], Callable]:
+def operator(schema: str) -> Callable[[Callable], Callable]:
     """Define ``fastema::<schema>`` with the decorated function as its kernel and a fake that
     returns nothing (every operator writes in place and returns nothing)."""
     def register(kernel: Callable) -> Callable:
@@ -148,7 +146,7 @@ def _operator(schema: str) -> Callable[[Callable], Callable]:
     return register
 
 
-@_operator("update_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt step) -> ()")
+@operator("update_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt step) -> ()")
 def update_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, step: int) -> None:
     """One ``update()`` of the average ``handle`` (``step < 0``: no explicit step)."""
     owner = _owner(handle)
@@ -158,7 +156,7 @@ def update_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, 
     _bump(written)
 
 
-@_operator("refuse_update_(Tensor(a0!)[] written, str message, Tensor? tensor, float? number) "
+@operator("refuse_update_(Tensor(a0!)[] written, str message, Tensor? tensor, float? number) "
            "-> ()")
 def refuse_update_(written: list[torch.Tensor], message: str, tensor: torch.Tensor | None,
                    number: float | None) -> None:
@@ -234,7 +232,7 @@ def compiled_step(owner: Compiled, handle: int) -> None:
     torch.ops.fastema.attached_step_(written, read, owner.handle, handle)
 
 
-@_operator("attached_step_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt body) -> ()")
+@operator("attached_step_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt body) -> ()")
 def attached_step_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int,
                    body: int) -> None:
     """The post-step body ``body`` of :data:`after_steps` on the average ``handle``: its update,
@@ -249,7 +247,7 @@ def attached_step_(written: list[torch.Tensor], read: list[torch.Tensor], handle
     _bump(written)
 
 
-@_operator("swap_(Tensor(a0!)[] written, SymInt handle, SymInt row) -> ()")
+@operator("swap_(Tensor(a0!)[] written, SymInt handle, SymInt row) -> ()")
 def swap_(written: list[torch.Tensor], handle: int, row: int) -> None:
     """``swap(row)`` of the average ``handle``: average ``row`` in, or the raw weights back."""
     owner = _owner(handle)
@@ -259,7 +257,7 @@ def swap_(written: list[torch.Tensor], handle: int, row: int) -> None:
     _bump(written)
 
 
-@_operator("copy_to_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt row) -> ()")
+@operator("copy_to_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt row) -> ()")
 def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int, row: int) -> None:
     """``copy_to()`` of the average ``handle``: average ``row`` into the model it tracks."""
     owner = _owner(handle)
@@ -268,119 +266,6 @@ def copy_to_(written: list[torch.Tensor], read: list[torch.Tensor], handle: int,
     with _through(owner, written, read, own_written, own_read, reads_sources=False):
         owner.eager_copy_to(row)
     _bump(written)
-
-
-# ---------------------------------------------------------------- the array-level functions
-# fastema.ema_update_ & co. on torch tensors inside compiled code: each operator runs the
-# eager function on the tensors it is handed (no state of its own to re-base).
-
-def _weight(weight):
-    """(float, tensor) of a ``weight=`` argument: a float, floats, or a device tensor."""
-    if weight is None:
-        return None, None
-    if isinstance(weight, torch.Tensor):
-        return None, weight
-    return ([float(w) for w in weight] if isinstance(weight, (list, tuple)) else [float(weight)]), None
-
-
-def _weight_back(floats, tensor, single: bool):
-    if tensor is not None or floats is None:
-        return tensor
-    return floats[0] if single else floats
-
-
-@_operator("array_ema_update_(Tensor(a0!) shadow, Tensor src, float[]? decays, "
-           "float[]? weight_floats, Tensor? weight_tensor, bool multi, str rounding, SymInt seed, "
-           "SymInt step, Tensor? skip_if) -> ()")
-def array_ema_update_(shadow: torch.Tensor, src: torch.Tensor, decays: list[float] | None,
-                      weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, multi: bool,
-                      rounding: str, seed: int, step: int, skip_if: torch.Tensor | None) -> None:
-    from ... import ops
-
-    if multi:
-        ops.ema_update_multi_.eager(shadow, src, decays, weights=_weight_back(weight_floats, weight_tensor, False),
-                                    rounding=rounding, seed=seed, step=step, skip_if=skip_if)
-    else:
-        ops.ema_update_eager(shadow, src, None if decays is None else decays[0],
-                             weight=_weight_back(weight_floats, weight_tensor, True), rounding=rounding,
-                             seed=seed, step=step, skip_if=skip_if)
-    _bump(shadow)
-
-
-@_operator("array_ema_update_many_(Tensor(a0!)[] shadows, Tensor[] sources, float? decay, "
-           "float[]? weight_floats, Tensor? weight_tensor, str rounding, SymInt seed, SymInt step) "
-           "-> ()")
-def array_ema_update_many_(shadows: list[torch.Tensor], sources: list[torch.Tensor], decay: float | None,
-                           weight_floats: list[float] | None, weight_tensor: torch.Tensor | None, rounding: str,
-                           seed: int, step: int) -> None:
-    from ... import ops
-
-    ops.ema_update_many_.eager(shadows, sources, decay, weight=_weight_back(weight_floats, weight_tensor, True),
-                               rounding=rounding, seed=seed, step=step)
-    _bump(shadows)
-
-
-@_operator("array_copy_(Tensor(a0!) dst, Tensor src) -> ()")
-def array_copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
-    from ... import ops
-
-    ops.copy_.eager(dst, src)
-    _bump(dst)
-
-
-@_operator("array_swap_(Tensor(a0!) a, Tensor(a1!) b, bool lossy) -> ()")
-def array_swap_(a: torch.Tensor, b: torch.Tensor, lossy: bool) -> None:
-    from ... import ops
-
-    ops.swap_.eager(a, b, lossy=lossy)
-    _bump([a, b])
-
-
-def _ema_update_(shadow, src, decay=None, *, weight=None, rounding="nearest", seed=0, step=0, skip_if=None):
-    _leaves([shadow], ["shadow"])
-    floats, tensor = _weight(weight)
-    torch.ops.fastema.array_ema_update_(shadow, src, None if decay is None else [float(decay)], floats, tensor,
-                                        False, rounding, seed, step, skip_if)
-    return shadow
-
-
-def _ema_update_multi_(shadow, src, decays=None, *, weights=None, rounding="nearest", seed=0, step=0,
-                       skip_if=None):
-    _leaves([shadow], ["shadow"])
-    floats, tensor = _weight(weights)
-    torch.ops.fastema.array_ema_update_(shadow, src, None if decays is None else [float(d) for d in decays],
-                                        floats, tensor, True, rounding, seed, step, skip_if)
-    return shadow
-
-
-def _ema_update_many_(shadows, sources, decay=None, *, weight=None, rounding="nearest", seed=0, step=0):
-    _leaves(list(shadows), [f"shadows[{i}]" for i in range(len(shadows))])
-    floats, tensor = _weight(weight)
-    torch.ops.fastema.array_ema_update_many_(list(shadows), list(sources), None if decay is None else float(decay),
-                                             floats, tensor, rounding, seed, step)
-
-
-def _copy_(dst, src):
-    _leaves([dst], ["dst"])
-    torch.ops.fastema.array_copy_(dst, src)
-    return dst
-
-
-def _swap_(a, b, *, lossy=False):
-    _leaves([a, b], ["a", "b"])
-    torch.ops.fastema.array_swap_(a, b, lossy)
-
-
-def install() -> None:
-    """Route the array-level functions through the operators above inside compiled code."""
-    from ... import ops
-
-    ops.COMPILED.update(compiling=torch.compiler.is_compiling, ema_update_=_ema_update_,
-                        ema_update_multi_=_ema_update_multi_, ema_update_many_=_ema_update_many_,
-                        copy_=_copy_, swap_=_swap_, dynamo=torch.compiler.is_dynamo_compiling)
-
-
-install()
 
 
 # ------------------------------------------------------------ average_parameters() in compiled code
