@@ -331,6 +331,7 @@ def swap_(a, b, *, lossy: bool = False):
     _backends.bump_versions(arrays)
 
 
+@_compilable
 def flag_nonfinite_(flag, src):
     """Set ``flag[0] = 1`` (on the device, no host sync) if ``src`` holds any inf or NaN.
 

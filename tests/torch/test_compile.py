@@ -293,6 +293,7 @@ def test_array_level_operators_pass_opcheck():
         (torch.ops.fastema.array_ema_update_many_, ([a, k[0]], [b, b], None, [0.1], None, "nearest", 0, 0)),
         (torch.ops.fastema.array_copy_, (a, b)),
         (torch.ops.fastema.array_swap_, (a, k[1].clone(), False)),
+        (torch.ops.fastema.array_flag_nonfinite_, (flag, a)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -325,6 +326,31 @@ def test_array_level_functions_compile_fullgraph_equal_eager():
         assert torch.equal(x, y)
     explain = dynamo.explain(step)(*runs[1][0], runs[1][1], [torch.zeros_like(p) for p in params])
     assert explain.graph_break_count == 0
+
+
+def test_flag_nonfinite_and_skip_if_compile_fullgraph_equal_eager():
+    """``flag_nonfinite_`` inside compiled code (its operator; before, Dynamo traced the eager
+    function and failed), then an update that the flag skips, over steps with and without a NaN."""
+    import fastema
+
+    def step(shadow, flag, src):
+        flag.zero_()
+        fastema.flag_nonfinite_(flag, src)
+        fastema.ema_update_(shadow, src, 0.9, skip_if=flag)
+
+    src = torch.randn(32)
+    runs = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        shadow, flag, flags = torch.zeros(32), torch.zeros(1, dtype=torch.int32), []
+        for i in range(4):
+            x = src + i
+            if i == 2:
+                x[5] = float("nan")
+            fn(shadow, flag, x)
+            flags.append(int(flag))
+        runs.append((shadow, flags))
+    assert runs[0][1] == runs[1][1] == [0, 0, 1, 0]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.isfinite(runs[0][0]).all()
 
 
 def test_retarget_follows_matching_tensors_by_address_and_fails_closed():

@@ -70,6 +70,12 @@ def array_swap_(a: torch.Tensor, b: torch.Tensor, lossy: bool) -> None:
     bump([a, b])
 
 
+@operator("array_flag_nonfinite_(Tensor(a0!) flag, Tensor src) -> ()")
+def array_flag_nonfinite_(flag: torch.Tensor, src: torch.Tensor) -> None:
+    ops.flag_nonfinite_.eager(flag, src)
+    bump(flag)
+
+
 def _ema_update_(shadow, src, decay=None, *, weight=None, rounding="nearest", seed=0, step=0, skip_if=None):
     _leaves([shadow], ["shadow"])
     floats, tensor = _weight(weight)
@@ -105,11 +111,18 @@ def _swap_(a, b, *, lossy=False):
     torch.ops.fastema.array_swap_(a, b, lossy)
 
 
+def _flag_nonfinite_(flag, src):
+    _leaves([flag], ["flag"])
+    torch.ops.fastema.array_flag_nonfinite_(flag, src)
+    return flag
+
+
 def install() -> None:
     """Route the array-level functions through the operators above inside compiled code."""
     ops.COMPILED.update(compiling=torch.compiler.is_compiling, ema_update_=_ema_update_,
                         ema_update_multi_=_ema_update_multi_, ema_update_many_=_ema_update_many_,
-                        copy_=_copy_, swap_=_swap_, dynamo=torch.compiler.is_dynamo_compiling)
+                        copy_=_copy_, swap_=_swap_, flag_nonfinite_=_flag_nonfinite_,
+                        dynamo=torch.compiler.is_dynamo_compiling)
 
 
 install()
