@@ -19,8 +19,6 @@ Framework models: ``fastema.torch.EMA``, ``fastema.jax.EMA``, ``fastema.tensorfl
 Post-hoc EMA: ``fastema.torch.PostHocEMA`` tracks and snapshots profiles,
 ``fastema.posthoc.synthesize(DIR, sigma_rel)`` synthesises any other after training.
 """
-import sys
-
 from . import ops, posthoc, schedules
 from .flat import FlatShadow
 from .flat_window import WindowShadow
@@ -57,11 +55,9 @@ __version__ = "0.2.0"
 
 def _torch_operators() -> None:
     """Register fastema.torch's operators, which route the array functions into ``torch.compile``'s
-    graphs (:data:`fastema.ops.COMPILED`): at import where torch is loaded, else at an array
-    function's first call after torch was (in eager code, or called by Dynamo as it traces)."""
+    graphs (:data:`fastema.ops.COMPILED`): called by the first array function that finds torch
+    loaded, in eager code or by Dynamo as it traces (``import fastema`` imports no framework)."""
     from . import torch  # noqa: F401  (its operators install ops.COMPILED)
 
 
 ops.LOADERS["torch"] = _torch_operators
-if "torch" in sys.modules:
-    _torch_operators()

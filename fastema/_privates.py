@@ -100,9 +100,10 @@ TABLE: tuple[Private, ...] = (
     _p("torch._C._dynamo.guards:TensorGuards", "torch", _T, "fastema/_backends/torch.py",
        "the layout guard's batched check (a fast path: gone, fastema compares by itself)"),
     _p("torch._dynamo.variables.functions:UserFunctionVariable", "torch", _T, "fastema/ops.py",
-       "torch.compiler.assume_constant_result's mark, set on ops._loaded without importing torch: "
-       "Dynamo calls it for real, which registers fastema's operators as it traces (gone: a compiled "
-       "function that reaches an array function before they are traces the eager path, and fails)",
+       "torch.compiler.assume_constant_result's mark, set on ops._loaded without importing "
+       "torch: Dynamo calls it for real, which registers fastema's operators as it traces (gone: "
+       "a compiled function that reaches an array function before they are traces the eager "
+       "path, and fails)",
        attr="_dynamo_marked_constant"),
     _p("torch._C:_cuda_getCurrentRawStream", "torch", _T, "fastema/_backends/torch.py",
        "torch's current CUDA stream, one C call per launch", only="a CUDA build of torch"),

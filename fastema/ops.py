@@ -29,12 +29,13 @@ __all__ = ["ema_update_", "ema_update_multi_", "ema_update_many_", "copy_", "swa
 # tracing: no road), and function name -> its operator call.
 COMPILED: dict = {}
 
-# Their loader, given by the package root (fastema/__init__.py) under "torch": it imports fastema.torch's
-# operators. An array function that finds torch loaded and _READY empty (torch imported after fastema,
-# fastema.torch never) calls it through _loaded first, so that torch.compile never traces the eager path
-# (numba, the addresses, the roads): Dynamo calls _loaded for real while it traces and takes its result
-# as a constant (what torch.compiler.assume_constant_result marks, marked here without torch:
-# fastema._privates). _READY is read before COMPILED: Dynamo's view of a dict it read stays as read.
+# Their loader, given by the package root (fastema/__init__.py) under "torch": it imports
+# fastema.torch's operators. An array function that finds torch loaded and _READY empty
+# (fastema.torch not imported yet) calls it through _loaded first, so that torch.compile never traces
+# the eager path (numba, the addresses, the roads): Dynamo calls _loaded for real while it traces and
+# takes its result as a constant (what torch.compiler.assume_constant_result marks, marked here
+# without torch: fastema._privates). _READY is read before COMPILED: Dynamo's view of a dict it read
+# stays as read.
 LOADERS: dict = {}
 _READY: list = []
 _MODULES = sys.modules
@@ -87,9 +88,9 @@ _KEPT: KeptLRU[_Prepared] = KeptLRU(256, _launch.CHOSEN_DRIVERS)
 
 # ema_update_'s pairs that the framework's own op updates with fastema's bits (torch's lerp_ of
 # a pair of one dtype, nearest rounding: _backends/torch_lerp.py), by the shadow object's identity,
-# each a road (_backends.Road) whose guard (both tensors' types, layouts, autograd flags and addresses)
-# ema_update_ checks before the op writes, where the decay is a Python float in (0.5, 1] (torch's FMA
-# branch, w < 0.5: above it the CPU's scalar tail gives a zero's other sign,
+# each a road (_backends.Road) whose guard (both tensors' types, layouts, autograd flags and
+# addresses) ema_update_ checks before the op writes, where the decay is a Python float in (0.5, 1]
+# (torch's FMA branch, w < 0.5: above it the CPU's scalar tail gives a zero's other sign,
 # tests/array/test_lerp_zero_sign.py) and the call is not being traced (Dynamo: the operator). Kept
 # after a first call's every check, where no stand-in driver or adapter is given, and read only there
 # (_ROAD: the entry as kept, one C call).
@@ -245,14 +246,14 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     """
     if (shadow.__class__ in _ROAD_TYPES and not COMPILED["dynamo"]() and decay.__class__ is float
             and 0.5 < decay <= 1.0 and weight is None and skip_if is None and rounding == "nearest"
-            and not _CHOSEN and not _GIVEN):         # torch's lerp_ where it gives these bits (not traced)
+            and not _CHOSEN and not _GIVEN):         # torch's lerp_, where it gives these bits
         found = _ROAD(id(shadow))
         if found is not None:
             check, address, at_s, at_x, lerp = found.value
             if check(shadow, src) and address(shadow) == at_s and address(src) == at_x:
                 lerp(shadow, src, 1.0 - decay)
                 return shadow
-    if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():   # _compilable's, inlined
+    if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():   # _compilable's
         return COMPILED["ema_update_"](shadow, src, decay, weight=weight, rounding=rounding, seed=seed, step=step,
                                        skip_if=skip_if)
     return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step,

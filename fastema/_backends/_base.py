@@ -20,7 +20,7 @@ class Road(NamedTuple):
     """The framework's own op for a pair whose every check passed (:meth:`Backend.lerp_road`), taken
     by ``ema_update_`` itself: where ``check(s, x)`` holds and ``address(s)``, ``address(x)`` are
     ``at_s``, ``at_x``, ``lerp(s, x, w)`` writes fastema's bits."""
-    check: Callable[[Any, Any], bool]       # the pair's layout guard: types, dtypes, shapes, strides, flags
+    check: Callable[[Any, Any], bool]       # the guard: types, dtypes, shapes, strides, flags
     address: Callable[[Any], int]
     at_s: int
     at_x: int

@@ -21,8 +21,9 @@ its tensor, to fewer bytes and back at its address, is refused by the full call,
 end by this road and by torch's own ops, which do not look either). Anything else is fastema's full
 call, which checks again and says what is wrong in its own words. ``ema_update_`` takes the road in
 its own frame, the guard then the op, where Dynamo is not tracing it: of 16 float32 elements on the
-CPU it counts about 1.65x the instructions of ``lerp_`` alone (the gates' figures: 22.3K against 13.4K), where a
-Python function with its signature that calls ``lerp_`` and checks nothing is 1.1x; the guard is
+CPU it counts about 1.66x the instructions of ``lerp_`` alone (the gates' figures: 22.3K against
+13.4K), where a Python function with its signature that calls ``lerp_`` and checks nothing is 1.1x;
+the guard is
 most of the rest (its C++ check of two tensors 2.8K, the two addresses 1.75K), then finding the road
 (1.5K) and ``torch.compiler.is_dynamo_compiling`` (0.45K). A source that requires grad is read with
 grad mode off for the op (fastema's kernel records nothing either)."""
@@ -76,5 +77,5 @@ def road(s, x, guards: Any) -> Road | None:
             or (s.is_cpu and not _fma_on_cpu())):
         return None
     ptr = torch.Tensor.data_ptr
-    return Road(guards(s, x, dynamic_dims_sizes=None, dynamic_dims_strides=None).check, ptr, ptr(s), ptr(x),
-                _calls()[1 if x.requires_grad else 0])
+    check = guards(s, x, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+    return Road(check, ptr, ptr(s), ptr(x), _calls()[1 if x.requires_grad else 0])

@@ -20,7 +20,7 @@ answer, each importing only those listed before it:
 - ``_state``: checkpoints and exports (state dicts, ``save``, a split average's pieces, the ranks'
   agreement before a collective read, PEFT adapters).
 """
-from ._face import arrays as _arrays  # noqa: F401  (the array functions' operators: fastema.ops.COMPILED)
+from ._face import arrays as _arrays  # noqa: F401  (the array functions' operators, ops.COMPILED)
 from ._face.attach import KEY as _ATTACH_KEY
 from ._placement.pick import Offload, ShardReplicas
 from ._state.checkpoint import FORMAT, VERSION  # noqa: F401

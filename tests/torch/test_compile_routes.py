@@ -1,9 +1,8 @@
 """The array functions inside ``torch.compile`` whatever was imported first: their operators
-(``fastema.ops.COMPILED``) are registered at ``import fastema`` where torch is loaded, else at an
-array function's first call after torch was, in eager code or as Dynamo traces it. Before, only
-``import fastema.torch`` registered them: ``import fastema`` then ``import torch`` (isort's order)
-traced fastema's eager path, numba and the torch road's guard, and failed. Each case a fresh
-interpreter (this one registered them long ago)."""
+(``fastema.ops.COMPILED``) are registered by the first array function that finds torch loaded, in
+eager code or as Dynamo traces it. Before, only ``import fastema.torch`` registered them: a compiled
+function that reached one first traced fastema's eager path (numba, the torch road's guard) and
+failed. Each case a fresh interpreter (this one registered them long ago)."""
 import subprocess
 import sys
 
@@ -57,9 +56,9 @@ compiled(False)(s, x)
 expect(1)
 assert sum(u.counters["graph_break"].values()) == 0, u.counters["graph_break"]
 """),
-    # torch first: registered at import (torch._dynamo still unloaded)
+    # torch first: nothing registered at import (no framework imported), the first call traced
     "torch first": ("import torch\nimport fastema\n", """
-assert fastema.ops.COMPILED and "torch._dynamo" not in sys.modules
+assert not fastema.ops.COMPILED and "fastema.torch" not in sys.modules
 compiled(True)(s, x)
 expect(1)
 """),
@@ -75,8 +74,9 @@ def test_array_functions_compile_whatever_was_imported_first(case):
 
 
 def test_the_mark_dynamo_calls_for_real_is_torchs_own():
-    """``ops._loaded`` is marked as ``torch.compiler.assume_constant_result`` marks a function (it is
-    set without importing torch), and Dynamo's reader of the mark is a row of ``fastema._privates``."""
+    """``ops._loaded`` is marked as ``torch.compiler.assume_constant_result`` marks a function
+    (set without importing torch), and Dynamo's reader of the mark is a row of
+    ``fastema._privates``."""
     import torch
 
     from fastema import _privates, ops
