@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -31,20 +32,28 @@ COMPILED: dict = {}
 
 # Their loader, given by the package root (fastema/__init__.py) under "torch": it imports
 # fastema.torch's operators. An array function that finds torch loaded and _READY empty
-# (fastema.torch not imported yet) calls it through _loaded first, so that torch.compile never traces
-# the eager path (numba, the addresses, the roads): Dynamo calls _loaded for real while it traces and
-# takes its result as a constant (what torch.compiler.assume_constant_result marks, marked here
-# without torch: fastema._privates). _READY is read before COMPILED: Dynamo's view of a dict it read
-# stays as read.
+# (fastema.torch not imported yet) calls it through _loaded first, so that torch.compile never
+# traces the eager path (numba, the addresses, the roads): Dynamo calls _loaded for real while it
+# traces and takes its result as a constant (what torch.compiler.assume_constant_result marks,
+# marked here without torch: fastema._privates). _READY is read before COMPILED: Dynamo's view of a
+# dict it read stays as read.
 LOADERS: dict = {}
 _READY: list = []
 _MODULES = sys.modules
 
 
 def _loaded() -> bool:
-    """Whether :data:`COMPILED` holds the operators, loaded here where it does not yet."""
+    """Whether :data:`COMPILED` holds the operators, loaded here where it does not yet (where
+    fastema.torch cannot be imported, an older torch say, a warning once: the calls run eagerly)."""
     if not COMPILED and "torch" in LOADERS:
-        LOADERS["torch"]()
+        try:
+            LOADERS["torch"]()
+        except (ImportError, AttributeError) as e:      # fastema.torch's import, or torch's API
+            del LOADERS["torch"]
+            warnings.warn(f"fastema: fastema.torch could not be imported ({type(e).__name__}: "
+                          f"{e}), so the array functions are not routed to its operators inside "
+                          f"torch.compile; outside it they run as before", RuntimeWarning,
+                          stacklevel=3)
     if COMPILED and not _READY:
         _READY.append(True)
     return bool(COMPILED)
@@ -56,7 +65,7 @@ _loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def _compilable(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():
+        if (_READY or _MODULES.get("torch") is not None and _loaded()) and COMPILED["compiling"]():
             return COMPILED[fn.__name__](*args, **kwargs)
         return fn(*args, **kwargs)
 
@@ -244,16 +253,18 @@ def ema_update_(shadow, src, decay: float | None = None, *, weight: Any = None,
     Returns:
         ``shadow``.
     """
-    if (shadow.__class__ in _ROAD_TYPES and not COMPILED["dynamo"]() and decay.__class__ is float
-            and 0.5 < decay <= 1.0 and weight is None and skip_if is None and rounding == "nearest"
-            and not _CHOSEN and not _GIVEN):         # torch's lerp_, where it gives these bits
+    # torch's lerp_, where it gives these bits; never traced (Dynamo reads neither _ROAD_TYPES,
+    # which the first run's kernel changes, nor the roads)
+    if (_READY and not COMPILED["dynamo"]() and shadow.__class__ in _ROAD_TYPES
+            and decay.__class__ is float and 0.5 < decay <= 1.0 and weight is None
+            and skip_if is None and rounding == "nearest" and not _CHOSEN and not _GIVEN):
         found = _ROAD(id(shadow))
         if found is not None:
             check, address, at_s, at_x, lerp = found.value
             if check(shadow, src) and address(shadow) == at_s and address(src) == at_x:
                 lerp(shadow, src, 1.0 - decay)
                 return shadow
-    if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():   # _compilable's
+    if (_READY or _MODULES.get("torch") is not None and _loaded()) and COMPILED["compiling"]():
         return COMPILED["ema_update_"](shadow, src, decay, weight=weight, rounding=rounding, seed=seed, step=step,
                                        skip_if=skip_if)
     return _update(shadow, src, None if decay is None else (decay,), weight, 0, rounding, seed, step,
@@ -361,7 +372,7 @@ def cached_pairs(shadows: list, sources: list) -> pairs.PairShadow | None:
     """The :class:`fastema.pairs.PairShadow` of an earlier :func:`ema_update_many_` call over the same
     memory in the same dtypes, shapes and strides, or None: a miss, arrays with no cheap key, or
     inside ``torch.compile``. The drop-ins' per-step path (then ``.update(...)``)."""
-    if (_READY or "torch" in _MODULES and _loaded()) and COMPILED["compiling"]():
+    if (_READY or _MODULES.get("torch") is not None and _loaded()) and COMPILED["compiling"]():
         return None
     return pairs.cached(shadows, sources)
 

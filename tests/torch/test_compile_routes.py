@@ -46,6 +46,8 @@ expect(1)
 step(s, x)
 step(s, x)
 expect(2)
+from fastema._backends import torch_lerp
+assert bool(fastema.ops._ROAD_TYPES) == torch_lerp._fma_on_cpu()   # kept where torch's kernels give its bits
 compiled(True)(s, x)
 expect(1)
 """),
@@ -59,7 +61,11 @@ assert sum(u.counters["graph_break"].values()) == 0, u.counters["graph_break"]
     # torch first: nothing registered at import (no framework imported), the first call traced
     "torch first": ("import torch\nimport fastema\n", """
 assert not fastema.ops.COMPILED and "fastema.torch" not in sys.modules
-compiled(True)(s, x)
+f = compiled(True)
+f(s, x)
+expect(1)
+with torch.compiler.set_stance("fail_on_recompile"):      # the road kept by the first run's kernel
+    f(s, x)
 expect(1)
 """),
 }
@@ -86,3 +92,32 @@ def test_the_mark_dynamo_calls_for_real_is_torchs_own():
     assert added == {"_dynamo_marked_constant"} and set(vars(ops._loaded)) >= added
     assert all(getattr(ops._loaded, a) == getattr(marked, a) for a in added)
     assert any(row.attr == "_dynamo_marked_constant" for row in _privates.TABLE)
+
+
+_UNAVAILABLE = """
+import sys, warnings
+import numpy as np
+{block}
+import fastema
+a, b = np.zeros(4, np.float32), np.ones(4, np.float32)
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    fastema.ema_update_(a, b, 0.5)
+    fastema.ema_update_(a, b, 0.5)
+assert np.array_equal(a, np.full(4, 0.75, np.float32)), a
+print(len(seen), *[str(w.message) for w in seen], sep="\\n")
+"""
+
+
+@pytest.mark.parametrize("block, warned", [("sys.modules['torch'] = None", 0),
+                                           ("import torch\nsys.modules['fastema.torch'] = None", 1)])
+def test_array_functions_run_where_torch_is_blocked_or_fastema_torch_cannot_load(block, warned):
+    """A blocked torch (``sys.modules["torch"] = None``) is not loaded; a fastema.torch that
+    cannot be imported (an older torch, say) is said once in a warning, and the calls run eagerly
+    (before: every array call raised ModuleNotFoundError)."""
+    code = _UNAVAILABLE.format(block=block)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.splitlines()
+    assert int(lines[0]) == warned and all("fastema.torch could not be imported" in w for w in lines[1:])
+
