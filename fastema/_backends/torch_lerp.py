@@ -21,7 +21,7 @@ its tensor, to fewer bytes and back at its address, is refused by the full call,
 end by this road and by torch's own ops, which do not look either). Anything else is fastema's full
 call, which checks again and says what is wrong in its own words. ``ema_update_`` takes the road in
 its own frame, the guard then the op, where Dynamo is not tracing it: of 16 float32 elements on the
-CPU it counts about 1.66x the instructions of ``lerp_`` alone (the gates' figures: 22.3K against
+CPU it counts about 1.67x the instructions of ``lerp_`` alone (the gates' figures: 22.3K against
 13.4K), where a Python function with its signature that calls ``lerp_`` and checks nothing is 1.1x;
 the guard is most of the rest (its C++ check of two tensors 2.8K, the two addresses 1.75K), then
 finding the road (1.5K) and ``torch.compiler.is_dynamo_compiling`` (0.45K). A source that requires
