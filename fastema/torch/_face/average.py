@@ -28,6 +28,7 @@ from .._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_m
 from .._tensors.hooks import unwrap
 from .._tensors.model import TorchModel
 from . import compiled as _compile
+from .attach import Attachment, Joined, skip_refusal
 from .contract import ModelParts, TorchFace
 
 
@@ -51,6 +52,9 @@ class TorchAverage(TorchFace):
         self._plan_on_device = None if parts.engine is None else parts.engine.device_plan
         assert parts.swap is not None           # a model average writes its model
         self._swapper = parts.swap              # copy-out; a lossy swap's backup (memory())
+        # attach(optimizer): its hooks (_face/attach.py); on the object, where a compiled update
+        # finds it with one guard (a class default: a walk of the class's bases, guarded at every call)
+        self._attachment: Attachment | None = None
         super().__init__(parts)
 
     @property
@@ -90,8 +94,6 @@ class TorchAverage(TorchFace):
 
     # ------------------------------------------------------------ attached to an optimizer
 
-    _attachment = None                          # attach(optimizer): its hooks (_face/attach.py)
-
     def attach(self, optimizer: torch.optim.Optimizer):
         """Update this average after every ``optimizer.step()`` and keep it in the optimizer's
         state dict, so whatever saves the optimizer saves it (HF Trainer's ``optimizer.pt``,
@@ -112,8 +114,6 @@ class TorchAverage(TorchFace):
         before the save (the ``GatherAttached`` callbacks), else ``optimizer.state_dict()``
         raises. Refused: ZeRO partitions, a second average on one optimizer, an average of
         trainable parameters the optimizer does not step. See the attach guide."""
-        from .attach import Attachment, Joined, skip_refusal
-
         if self._attachment is not None:
             raise ValueError(f"this {type(self).__name__} is attached to an optimizer already: detach() "
                              f"it first. For two optimizers (one per model part), make one average of "
