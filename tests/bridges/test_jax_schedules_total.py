@@ -84,9 +84,19 @@ def _check_decays(name: str, x64: bool, n, t, last, first) -> None:
     assert np.all(d[before] == 1.0), (name, x64, d[before])            # before the last update: holds
     host = ~before & (n >= 0) & (0 <= first) & (first <= last) & (last <= t)
     want = [_host(s, int(n[i]), int(t[i]), int(last[i]), int(first[i])) for i in np.flatnonzero(host)]
-    # x64: the host's arithmetic; float32: within a few ulps (test_jax_schedule_ulps), 0 below 2**-120
-    np.testing.assert_allclose(d[host], want, rtol=1e-12 if x64 else 3e-7, atol=0 if x64 else 2.0 ** -100,
+    # x64: the host's arithmetic, 0 for a subnormal (XLA's CPU flushes them: a half-life decay at
+    # t = 10221 of n = 0 was 2.1e-308 on the host; as a weight, 1 - d is 1.0 either way); float32:
+    # within a few ulps (test_jax_schedule_ulps), 0 below 2**-120
+    np.testing.assert_allclose(d[host], want, rtol=1e-12 if x64 else 3e-7,
+                               atol=np.finfo(np.float64).tiny if x64 else 2.0 ** -100,
                                err_msg=f"{name} x64={x64}")
+
+
+def test_a_subnormal_decay_may_be_flushed_to_zero_on_the_device():
+    """The example hypothesis found (CI, 2026-11-29): ``HalfLife`` at t = 10221 after no update,
+    x64: the host's decay is subnormal, the device's 0."""
+    z, t = np.zeros(SIZE, np.int64), np.full(SIZE, 10221, np.int64)
+    _check_decays("half_life", True, z, t, z, z)
 
 
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "x64"])
