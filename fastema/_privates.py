@@ -99,11 +99,13 @@ TABLE: tuple[Private, ...] = (
     # ---- torch: tensors and modules
     _p("torch._C._dynamo.guards:TensorGuards", "torch", _T, "fastema/_backends/torch.py",
        "the layout guard's batched check (a fast path: gone, fastema compares by itself)"),
-    _p("torch._dynamo.variables.functions:UserFunctionVariable", "torch", _T, "fastema/ops.py",
-       "torch.compiler.assume_constant_result's mark, set on ops._loaded without importing "
-       "torch: Dynamo calls it for real, which registers fastema's operators as it traces (gone: "
-       "a compiled function that reaches an array function before they are traces the eager "
-       "path, and fails)",
+    _p("torch._dynamo.variables.functions:UserFunctionVariable", "torch", _T,
+       "fastema/ops.py fastema/torch/_face/lowered.py",
+       "torch.compiler.assume_constant_result's mark, set without importing torch._dynamo on "
+       "ops._loaded (Dynamo calls it for real, which registers fastema's operators as it traces; "
+       "gone: a compiled function that reaches an array function before they are traces the "
+       "eager path, and fails) and on a lowered update's in_graph (gone: its side effect runs "
+       "after every compiled call)",
        attr="_dynamo_marked_constant"),
     _p("torch._C:_cuda_getCurrentRawStream", "torch", _T, "fastema/_backends/torch.py",
        "torch's current CUDA stream, one C call per launch", only="a CUDA build of torch"),

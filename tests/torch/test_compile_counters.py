@@ -128,3 +128,23 @@ def test_a_stream_reads_the_device_at_its_start_and_end_only():
     finally:
         sys.setprofile(None)
     assert len(names) == 8 and len(reads) == 2, (names, len(reads))
+
+
+def test_the_graphs_mark_takes_no_argument_and_runs_once_while_tracing():
+    """The plain update marks its device plan ``in_graph`` by a function Dynamo calls for real while
+    tracing, marked as ``torch.compiler.assume_constant_result`` marks one, with no argument: Dynamo
+    before torch 2.12 calls such a function with Python constants alone, and the device plan it was
+    handed failed every compiled ``ema.update()`` there (``AsPythonConstantNotImplementedError``, seen on
+    torch 2.11 and 2.10). The plan is marked by the trace, not by construction nor by eager updates."""
+    import inspect
+
+    model = _model()
+    ema = EMA(model, 0.9, device_step=True)
+    mark = ema.compiled.lowered.in_graph
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    assert not inspect.signature(mark).parameters
+    assert all(getattr(mark, a, None) == v for a, v in vars(marked).items()) and vars(marked)
+    ema.update()
+    assert not ema._core.device_plan.in_graph
+    _compiled_plain_steps(model, ema, 3)
+    assert ema.updates == 4

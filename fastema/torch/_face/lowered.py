@@ -80,6 +80,7 @@ class Lowered:
     def __init__(self, side: TorchModel, engine: Any, swap: ModelSwap):
         self.side, self.engine, self.swap = side, engine, swap
         self.device_plan: DevicePlan = engine.device_plan
+        self.in_graph = _marker(self.device_plan)
         self.plans = {}
         for device, d in self.device_plan.devices.items():
             state = d.arrays["state"]
@@ -156,7 +157,7 @@ class Lowered:
                                      w if isinstance(w, float) else w.to(dtype))
             if self.copies:
                 torch._foreach_copy_(self.copies, sources[n:])
-        return _this.in_graph(self.device_plan)             # run while tracing, not at every call
+        return self.in_graph()                      # run while tracing, not at every call
 
 
 def _own(tensors: list) -> list:
@@ -205,12 +206,20 @@ def _release(tensors: list) -> None:
             switch(True)
 
 
-def _in_graph(device_plan: DevicePlan) -> bool:
-    """Mark ``device_plan`` advanced in a graph from now on (:attr:`DevicePlan.in_graph`); run once
-    while tracing (``torch.compiler.assume_constant_result``: a Python side effect would be replayed
-    after every call, about 20 us on the CPU)."""
-    device_plan.in_graph = True
-    return True
+def _marker(device_plan: DevicePlan):
+    """A function of no arguments that marks ``device_plan`` advanced in a graph from now on
+    (:attr:`DevicePlan.in_graph`) and returns True, marked as ``torch.compiler.assume_constant_result``
+    marks (without importing ``torch._dynamo``; a ``fastema._privates`` row): Dynamo calls it for
+    real while tracing, once (a Python side effect would be replayed after every call, about 20 us on
+    the CPU). No arguments: Dynamo before torch 2.12 calls such a function with Python constants
+    alone (an object raised ``AsPythonConstantNotImplementedError``), and 2.13 refuses an attribute
+    it has not read yet (a lazy constant)."""
+    def in_graph() -> bool:
+        device_plan.in_graph = True
+        return True
+
+    in_graph._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return in_graph
 
 
 def _row(kind: str, schedule) -> tuple:
@@ -274,16 +283,3 @@ def _plan_device(device_plan: DevicePlan, device: torch.device) -> str | None:
         if d.arrays["state"].device == device:
             return name
     return None
-
-
-def __getattr__(name: str):
-    # ``in_graph`` is made at its first use, inside a traced function (Dynamo reads a module
-    # attribute missing from its __dict__ with getattr, so this runs for real): torch.compiler's
-    # decorators import torch._dynamo, never at import (as compiled.eager_block)
-    if name == "in_graph":
-        made = globals()["in_graph"] = torch.compiler.assume_constant_result(_in_graph)
-        return made
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-from . import lowered as _this  # noqa: E402  (itself: in_graph, read through the module)
