@@ -142,7 +142,7 @@ def test_the_engine_knows_no_placement_and_the_face_asks_the_shadow():
 FACES = {"ema.py", "window.py", "posthoc.py", "target.py", "engines.py"}    # engines: the faces' streams, to engines
 SHARED = {"_swap.py"}
 SUBPACKAGES = ("_sharding", "_tensors", "_placement", "_state")     # each imports only those before it
-FACE_PARTS = {"contract.py", "average.py", "compiled.py", "arrays.py", "lowered.py",   # _face/: shared
+FACE_PARTS = {"contract.py", "average.py", "compiled.py", "arrays.py", "lowered.py", "floor.py",   # _face/: shared
               "attach.py"}
 ROOT_MODULES = 7            # issues 72, 87: fastema/torch/'s root, its faces and one shared module
 

@@ -110,7 +110,9 @@ print(len(seen), *[str(w.message) for w in seen], sep="\\n")
 
 
 @pytest.mark.parametrize("block, warned", [("sys.modules['torch'] = None", 0),
-                                           ("import torch\nsys.modules['fastema.torch'] = None", 1)])
+                                           ("import torch\nsys.modules['fastema.torch'] = None", 1),
+                                           ("import torch\ntorch.__version__ = '2.12.1'", 1)],
+                         ids=["torch blocked", "fastema.torch blocked", "torch older than the floor"])
 def test_array_functions_run_where_torch_is_blocked_or_fastema_torch_cannot_load(block, warned):
     """A blocked torch (``sys.modules["torch"] = None``) is not loaded; a fastema.torch that
     cannot be imported (an older torch, say) is said once in a warning, and the calls run eagerly
