@@ -234,7 +234,8 @@ def test_the_model_average_engine_imports_no_framework():
 LAYERS = (
     ("kernels", ("fastema.kernels",)),
     ("leaves", ("fastema._io", "fastema._interrupts", "fastema._checkpoint_format", "fastema.schedules",
-                "fastema._placement_options", "fastema._device_view", "fastema._privates", "fastema._switch")),
+                "fastema._placement_options", "fastema._device_view", "fastema._privates", "fastema._switch",
+                "fastema._floors")),
     ("dispatch", ("fastema._launch",)),
     ("boundary", ("fastema._backends",)),
     ("shadows", ("fastema._checks", "fastema._nonfinite", "fastema._steps", "fastema._chunks", "fastema._layout",

@@ -16,6 +16,7 @@ One concern per module: ``_functional`` (the state and its update), ``_schedules
 device), ``_bits`` (the kernels' element arithmetic in ``jnp``), ``_window`` (the window of snapshots),
 ``_posthoc`` (the snapshots), ``_face`` (the between-steps EMA).
 """
+from . import _floor  # noqa: F401, I001  (first: refuses a jax older than _floor.JAX_FLOOR)
 from ._face import EMA, REFUSED
 from ._functional import REFUSED_IN_JIT, EmaState, EmaTransform, ema
 from ._posthoc import snapshot

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from fastema._floors import refuse_older, release
 from fastema.torch._face import floor as _floor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -49,11 +50,13 @@ def test_an_older_torch_is_refused_at_import_naming_both_versions_and_what_to_do
 def test_the_floor_compares_releases_as_numbers(version, refused):
     """``2.9`` is older than ``2.13`` (not as strings); a pre-release or local build of the floor
     is the floor."""
+    older = release(version) < _floor.TORCH_FLOOR
+    assert older == refused
     if refused:
         with pytest.raises(ImportError, match=re.escape(f"found torch {version}")):
-            _floor.refuse_older(version)
+            refuse_older("fastema.torch", "torch", version, _floor.TORCH_FLOOR, "torch", "why")
     else:
-        _floor.refuse_older(version)
+        refuse_older("fastema.torch", "torch", version, _floor.TORCH_FLOOR, "torch", "why")
 
 
 def test_the_installed_torch_is_at_the_floor_or_newer():
