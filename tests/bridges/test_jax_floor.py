@@ -4,10 +4,9 @@ refused at import, by name, with what to do (before: the extra said jax >= 0.4.3
 public ``jax.lax.optimization_barrier``, and on 0.4.35 a vmapped update failed)."""
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
+from support.floors import import_as
 
 pytest.importorskip("jax")
 
@@ -16,37 +15,17 @@ from fastema.jax import _floor  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FLOOR = ".".join(map(str, _floor.JAX_FLOOR))
 
-_IMPORT = """
-import sys
-import jax
-jax.__version__ = {version!r}
-try:
-    import fastema.jax
-except ImportError as e:
-    print("refused:", e)
-    print("loaded:", sorted(m for m in sys.modules if m.startswith("fastema.jax.")))
-else:
-    print("imported")
-"""
-
-
-def _run(version: str) -> str:
-    out = subprocess.run([sys.executable, "-c", _IMPORT.format(version=version)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out.stdout
-
 
 @pytest.mark.parametrize("version", ["0.4.30", "0.4.35", "0.6.0", "0.6.1"])
 def test_an_older_jax_is_refused_at_import_naming_both_versions_and_what_to_do(version):
-    said = _run(version)
+    said = import_as("fastema.jax", "jax", version)
     assert f"refused: fastema.jax needs jax >= {FLOOR}, found jax {version}" in said, said
     assert f"pip install -U 'jax>={FLOOR}'" in said and "loaded: []" in said
 
 
 @pytest.mark.parametrize("version", [FLOOR, "0.7.0", "0.10.2", "1.0.0.dev20261129"])
 def test_the_floor_and_newer_releases_import(version):
-    assert _run(version).strip() == "imported"
+    assert import_as("fastema.jax", "jax", version).strip() == "imported"
 
 
 def test_the_extras_and_the_install_guide_name_the_same_floor():

@@ -5,10 +5,9 @@ torch >= 2.3, and on torch 2.10-2.12 compiled updates failed or rounded otherwis
 with ``broadcast_from_rank0`` of an FSDP2-sharded attached average came back wrong)."""
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
+from support.floors import import_as
 
 from fastema._floors import refuse_older, release
 from fastema.torch._face import floor as _floor
@@ -16,28 +15,11 @@ from fastema.torch._face import floor as _floor
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FLOOR = ".".join(map(str, _floor.TORCH_FLOOR))
 
-_IMPORT = """
-import sys
-import torch
-torch.__version__ = {version!r}
-try:
-    import fastema.torch
-except ImportError as e:
-    print("refused:", e)
-    loaded = sorted(m for m in sys.modules if m.startswith("fastema.torch."))
-    print("loaded:", loaded)
-    print("operators:", hasattr(torch.ops.fastema, "update_"))
-else:
-    print("imported")
-"""
-
 
 @pytest.mark.parametrize("version", ["2.12.1", "2.10.0+cu128", "1.13.1"])
 def test_an_older_torch_is_refused_at_import_naming_both_versions_and_what_to_do(version):
-    out = subprocess.run([sys.executable, "-c", _IMPORT.format(version=version)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    said = out.stdout
+    said = import_as("fastema.torch", "torch", version,
+                     after='print("operators:", hasattr(torch.ops.fastema, "update_"))')
     assert f"refused: fastema.torch needs torch >= {FLOOR}, found torch {version}" in said, said
     assert f"pip install -U 'torch>={FLOOR}'" in said
     # nothing of fastema.torch but the package that holds the check (a docstring), no operator
@@ -60,9 +42,7 @@ def test_the_floor_compares_releases_as_numbers(version, refused):
 
 
 def test_the_installed_torch_is_at_the_floor_or_newer():
-    out = subprocess.run([sys.executable, "-c", _IMPORT.format(version="2.13.0")],
-                         capture_output=True, text=True, timeout=600)
-    assert out.stdout.strip() == "imported", out.stdout + out.stderr[-4000:]
+    assert import_as("fastema.torch", "torch", "2.13.0").strip() == "imported"
 
 
 def test_the_extra_and_the_install_guide_name_the_same_floor():
