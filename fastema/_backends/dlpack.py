@@ -86,6 +86,10 @@ class DLPack(Backend):
         if framework == "tensorflow" and not hasattr(x, "__dlpack__") and hasattr(x, "read_value"):
             x = x.value()                              # a tf.Variable: its current tensor (no copy)
         if not hasattr(x, "__dlpack__"):
+            if framework == "tensorflow":                # TensorFlow gave its tensors __dlpack__ in 2.20
+                raise TypeError(f"{what} is a TensorFlow {type(x).__name__} without __dlpack__, which "
+                                f"fastema reads TensorFlow tensors by (TensorFlow 2.20 and newer): "
+                                f"pip install -U 'tensorflow>=2.20'")
             raise TypeError(f"{what} is a {type(x).__module__}.{type(x).__name__}, which fastema cannot read; "
                             f"pass an array or tensor")
         return _from_dlpack(x, what, framework)

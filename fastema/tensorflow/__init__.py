@@ -19,8 +19,9 @@ and SavedModel carry its shadow::
 A drop-in for ``tf.train.ExponentialMovingAverage`` lives in :mod:`fastema.tensorflow.compat`.
 
 One concern per module: ``ema`` (the :class:`EMA`), ``_checkpoint`` (its tensors in TensorFlow
-checkpoints), ``compat`` (``ExponentialMovingAverage``).
+checkpoints), ``compat`` (``ExponentialMovingAverage``), ``_floor`` (the oldest TensorFlow it runs on).
 """
+from . import _floor  # noqa: F401, I001  (first: refuses a TensorFlow older than _floor.TF_FLOOR)
 from .ema import EMA, REFUSED
 
 __all__ = ["EMA", "REFUSED"]
