@@ -103,6 +103,10 @@ class Joined:
         return self.side.stale
 
     @property
+    def rows(self) -> int:
+        return int(getattr(self.shadow, "rows", 1))
+
+    @property
     def sharded(self) -> bool:
         return self.face.sharded
 
@@ -357,6 +361,7 @@ class Attachment:
                                 f"{self.kind}'s state_dict(), got {type(entry).__name__}; "
                                 f"nothing was loaded")
         _checks.check_groups(optimizer, rest)           # torch's own refusal, before the agreement
+        _checks.check_broadcast(self.face)              # a torch before 2.13's broadcast of it
         return entry, rest
 
     def loaded(self, optimizer) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ... import _privates
 from . import attached as _params
+from . import dcp_calls as _dcp
 from .attached import Attachable
 
 __all__ = ["KEY", "bypasses", "check", "check_groups", "has_hooks", "hooked", "missed", "overrides",
@@ -236,6 +237,26 @@ def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) ->
                         f"(its first step would raise, after the optimizer's). Shard the model "
                         f"with FSDP2 (torch.distributed.fsdp.fully_shard): its average is sharded "
                         f"as its parameters are, and attach() carries it through DCP")
+
+
+def check_broadcast(face: Attachable) -> None:
+    """Refuse, on a torch before 2.13, a DCP load with ``broadcast_from_rank0=True`` of a sharded
+    average of two rows or more: DCP gathers its full tensor cut from its padding (not contiguous),
+    and torch 2.12's broadcast (2.10-2.11's too) sends that memory as if it were contiguous, so the
+    other ranks' rows land shifted (seen on 2.12.1; ``docs/install.md``, "Which framework release").
+    The hooks' check runs on every rank alike (the same options), before anything is written."""
+    from ... import _floors
+
+    found = _floors.release(torch.__version__)
+    if not face.sharded or face.rows < 2 or found is None or found >= (2, 13):
+        return
+    call = _dcp.context(info=True)
+    if call is not None and call.broadcast_from_rank0:
+        raise ValueError(f"a DCP load with broadcast_from_rank0=True of this sharded average of "
+                         f"{face.rows} rows comes back wrong on torch {torch.__version__} (its "
+                         f"broadcast sends the gathered average, which is not contiguous, as if it "
+                         f"were): nothing was loaded. Load with broadcast_from_rank0=False (every "
+                         f"rank reads the file), or upgrade torch (pip install -U 'torch>=2.13')")
 
 
 def check_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:

@@ -17,8 +17,9 @@ versions checked).
 One walk per hook call, to the stack's end: any number of frames may stand between DCP and the
 hook (user decorators, an LR scheduler's wrapper of ``step``, a profiler, accelerate's wrapper,
 ``torch.compile``'s runtime). The innermost of DCP's functions is the caller. Its one local read
-is ``info`` of ``_get_optim_state_dict`` (its parameter in the table; read only when asked: a
-split average refuses ``full_state_dict=True``), here and nowhere else.
+is ``info`` of ``_get_optim_state_dict`` and ``_load_optim_state_dict`` (their parameter in the
+table; read only when asked: a split average refuses ``full_state_dict=True``, and a torch before
+2.13 a sharded average's ``broadcast_from_rank0`` load), here and nowhere else.
 
 The table is checked against the loaded module the first time a hook finds DCP loaded (and at
 ``attach()`` where it is loaded already): where torch moved, renamed or changed one of them, the
@@ -62,6 +63,7 @@ class DcpCall:
 
     function: str             # a function of CONTRACT: INIT, GET or LOAD
     full_state_dict: bool     # GET's ``info.full_state_dict`` (read where asked; else False)
+    broadcast_from_rank0: bool = False    # LOAD's ``info.broadcast_from_rank0`` (read where asked)
 
 
 def check(module: ModuleType) -> dict[str, CodeType]:
@@ -142,7 +144,8 @@ def loading() -> bool:
 def context(module: ModuleType | None = None, *, info: bool = False) -> DcpCall | None:
     """The DCP call the calling hook runs in: the innermost frame of a :data:`CONTRACT` function
     on this thread's stack, walked once to its end; None where there is none (also where DCP is
-    not imported). ``info``: read ``full_state_dict`` off a GET frame's ``info``. ``module``:
+    not imported). ``info``: read ``full_state_dict`` off a GET frame's ``info``,
+    ``broadcast_from_rank0`` off a LOAD frame's. ``module``:
     DCP's module (default: the loaded one); :class:`DCPContractBroken` where it does not hold
     the contract."""
     module = module if module is not None else sys.modules.get(MODULE)
@@ -155,9 +158,9 @@ def context(module: ModuleType | None = None, *, info: bool = False) -> DcpCall 
         while at is not None:
             name = by_code.get(at.f_code)
             if name is not None:
-                full = info and name == GET and bool(
-                    getattr(at.f_locals.get("info"), "full_state_dict", False))
-                return DcpCall(name, full)
+                got = at.f_locals.get("info") if info else None
+                full = name == GET and bool(getattr(got, "full_state_dict", False))
+                return DcpCall(name, full, name == LOAD and bool(getattr(got, "broadcast_from_rank0", False)))
             at = at.f_back
         return None
     finally:

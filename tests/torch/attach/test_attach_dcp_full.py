@@ -109,3 +109,46 @@ def test_full_state_dict_and_cpu_offload_carry_the_average_bit_for_bit(tmp_path,
             for k in (k[len("saved/"):] for k in r if k.startswith("saved/")):
                 assert torch.equal(r[f"loaded{i}/{k}"], r[f"saved/{k}"]), (o, k)
                 assert torch.equal(r[f"resumed{i}/{k}"], r[f"ref/{k}"]), (o, k)
+
+
+def _refused_round(rank, world, folder):
+    """Save a full state dict on rank 0 (FSDP2, two rows), then load it with broadcast_from_rank0
+    into a fresh run as a torch before 2.13 (its version set): every rank refuses, nothing loaded."""
+    import torch.distributed.checkpoint.state_dict as dsd
+
+    wrapped, opt, ema = _make(0, True)
+    for s in range(STEPS):
+        rank_step(wrapped, opt, s, rank)
+    o = (True, True, True, False)
+    msd, osd = dsd.get_state_dict(wrapped, opt, options=_options(*o))
+    path = _path(folder, True, 9, o, rank)
+    if rank == 0:
+        torch.save({"model": msd, "optim": osd}, path)
+    dist.barrier()
+    wrapped, opt, ema = _make(1, True)
+    out = rows(ema, "before", F32)
+    state = {"model": {}, "optim": {}} if rank != 0 else torch.load(path, weights_only=True)
+    dsd.set_model_state_dict(wrapped, state["model"], options=_options(*o))
+    version, torch.__version__ = torch.__version__, "2.12.1"
+    try:
+        dsd.set_optimizer_state_dict(wrapped, opt, state["optim"], options=_options(*o))
+        out["refused"] = torch.tensor(0)
+    except ValueError as e:
+        out["refused"] = torch.tensor(list(str(e).encode()))
+    finally:
+        torch.__version__ = version
+    out.update(rows(ema, "after", F32))
+    return out
+
+
+def test_a_broadcast_load_of_a_sharded_average_is_refused_on_a_torch_before_2_13(tmp_path):
+    """On torch 2.12.1 (2.10-2.11 too) a broadcast_from_rank0 load of this average came back with
+    rank 1's second row one row off (torch's broadcast of the non-contiguous full average): refused
+    there, by name, on every rank, the average unchanged (before: loaded wrong, silently)."""
+    rs = run_ranks(_refused_round, tmp_path, 2, str(tmp_path), pg_timeout=30.0)
+    for r in rs:
+        said = bytes(r["refused"].tolist()).decode()
+        assert "broadcast_from_rank0=True of this sharded average of 2 rows comes back wrong on torch " \
+               "2.12.1" in said and "pip install -U 'torch>=2.13'" in said, said
+        for k in (k[len("before/"):] for k in r if k.startswith("before/")):
+            assert torch.equal(r[f"after/{k}"], r[f"before/{k}"]), k
