@@ -86,13 +86,29 @@ class DLPack(Backend):
         if framework == "tensorflow" and not hasattr(x, "__dlpack__") and hasattr(x, "read_value"):
             x = x.value()                              # a tf.Variable: its current tensor (no copy)
         if not hasattr(x, "__dlpack__"):
-            if framework == "tensorflow":                # TensorFlow gave its tensors __dlpack__ in 2.20
-                raise TypeError(f"{what} is a TensorFlow {type(x).__name__} without __dlpack__, which "
-                                f"fastema reads TensorFlow tensors by (TensorFlow 2.20 and newer): "
-                                f"pip install -U 'tensorflow>=2.20'")
+            if framework == "tensorflow":
+                raise TypeError(_tensorflow_unread(x, what))
             raise TypeError(f"{what} is a {type(x).__module__}.{type(x).__name__}, which fastema cannot read; "
                             f"pass an array or tensor")
         return _from_dlpack(x, what, framework)
+
+
+def _tensorflow_unread(x, what: str) -> str:
+    """What to do with a TensorFlow object without ``__dlpack__``: upgrade a TensorFlow that gives
+    none of its tensors one (before 2.20: ``fastema._floors``), else pass an eager dense tensor."""
+    import sys
+
+    from .. import _floors
+
+    version = getattr(sys.modules.get("tensorflow"), "__version__", None)
+    if version is not None and _floors.older("tensorflow", version):
+        wanted = _floors.floor("tensorflow")
+        return (f"{what} is a TensorFlow {type(x).__name__}, and TensorFlow {version} gives its tensors no "
+                f"__dlpack__, by which fastema reads them (TensorFlow {wanted} and newer): "
+                f"pip install -U 'tensorflow>={wanted}'")
+    return (f"{what} is a TensorFlow {type(x).__name__}, which has no __dlpack__ (a symbolic tensor inside "
+            f"tf.function, a sparse or ragged tensor): pass an eager dense tensor or a tf.Variable, "
+            f"outside tf.function (fastema.tensorflow.EMA updates inside one)")
 
 
 class Frameworks(DLPack):

@@ -14,9 +14,9 @@ Two faces over one set of semantics (fastema's schedules, lerp and rounding):
 
 One concern per module: ``_functional`` (the state and its update), ``_schedules`` (the decays on the
 device), ``_bits`` (the kernels' element arithmetic in ``jnp``), ``_window`` (the window of snapshots),
-``_posthoc`` (the snapshots), ``_face`` (the between-steps EMA).
+``_posthoc`` (the snapshots), ``_face`` (the between-steps EMA), ``_floor`` (the oldest jax it runs on).
 """
-from . import _floor  # noqa: F401, I001  (first: refuses a jax older than _floor.JAX_FLOOR)
+from . import _floor  # noqa: F401, I001  (first: refuses a jax older than its floor)
 from ._face import EMA, REFUSED
 from ._functional import REFUSED_IN_JIT, EmaState, EmaTransform, ema
 from ._posthoc import snapshot

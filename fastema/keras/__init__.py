@@ -21,7 +21,7 @@ try:
 except ImportError as e:                                    # pragma: no cover - depends on the environment
     raise ImportError("fastema.keras needs Keras 3 (pip install 'fastema[keras]')") from e
 
-from . import _floor  # noqa: F401, I001  (first: refuses a Keras older than _floor.KERAS_FLOOR)
+from . import _floor  # noqa: F401, I001  (first: refuses a Keras older than its floor)
 from ._logs import MovingAverageLogs
 from ._saving import averaged_weights, load_average, load_model
 from ._weight_ema import WeightEMA

@@ -21,7 +21,7 @@ A drop-in for ``tf.train.ExponentialMovingAverage`` lives in :mod:`fastema.tenso
 One concern per module: ``ema`` (the :class:`EMA`), ``_checkpoint`` (its tensors in TensorFlow
 checkpoints), ``compat`` (``ExponentialMovingAverage``), ``_floor`` (the oldest TensorFlow it runs on).
 """
-from . import _floor  # noqa: F401, I001  (first: refuses a TensorFlow older than _floor.TF_FLOOR)
+from . import _floor  # noqa: F401, I001  (first: refuses a TensorFlow older than its floor)
 from .ema import EMA, REFUSED
 
 __all__ = ["EMA", "REFUSED"]

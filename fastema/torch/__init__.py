@@ -20,7 +20,7 @@ answer, each importing only those listed before it:
 - ``_state``: checkpoints and exports (state dicts, ``save``, a split average's pieces, the ranks'
   agreement before a collective read, PEFT adapters).
 """
-from ._face import floor as _floor  # noqa: F401, I001  (first: refuses a torch older than its TORCH_FLOOR)
+from ._face import floor as _floor  # noqa: F401, I001  (first: refuses a torch older than its floor)
 from ._face import arrays as _arrays  # noqa: F401  (the array functions' operators, ops.COMPILED)
 from ._face.attach import KEY as _ATTACH_KEY
 from ._placement.pick import Offload, ShardReplicas

@@ -1,4 +1,4 @@
-"""The oldest jax ``fastema.jax`` runs on (``fastema.jax._floor.JAX_FLOOR``): the oldest release its
+"""The oldest jax ``fastema.jax`` runs on (``fastema._floors.FLOORS``): the oldest release its
 tests passed on, as ``pyproject.toml``'s ``jax`` extra and the install guide say. An older jax is
 refused at import, by name, with what to do (before: the extra said jax >= 0.4.30, which has no
 public ``jax.lax.optimization_barrier``, and on 0.4.35 a vmapped update failed)."""
@@ -10,10 +10,10 @@ from support.floors import import_as
 
 pytest.importorskip("jax")
 
-from fastema.jax import _floor  # noqa: E402
+from fastema._floors import floor  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FLOOR = ".".join(map(str, _floor.JAX_FLOOR))
+FLOOR = floor("jax")
 
 
 @pytest.mark.parametrize("version", ["0.4.30", "0.4.35", "0.6.0", "0.6.1"])

@@ -1,4 +1,4 @@
-"""The oldest Keras ``fastema.keras`` runs on (``fastema.keras._floor.KERAS_FLOOR``): the oldest
+"""The oldest Keras ``fastema.keras`` runs on (``fastema._floors.FLOORS``): the oldest
 release its tests passed on (the torch backend), as ``pyproject.toml``'s ``keras`` extra and the
 install guide say. An older Keras is refused at import, by name, with what to do (before: the extra
 said keras >= 3.0, and on Keras 3.6.0 ``MovingAverageLogs`` found none of a model's running-mean
@@ -12,10 +12,10 @@ from support.floors import import_as
 os.environ.setdefault("KERAS_BACKEND", "torch")
 pytest.importorskip("keras")
 
-from fastema.keras import _floor  # noqa: E402
+from fastema._floors import floor  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FLOOR = ".".join(map(str, _floor.KERAS_FLOOR))
+FLOOR = floor("keras")
 
 
 def test_an_older_keras_is_refused_at_import_and_the_floor_imports():

@@ -1,5 +1,6 @@
 """A face's import in a fresh interpreter where its framework says another version (the floor
-tests: ``tests/torch/test_torch_floor.py``, ``tests/bridges/test_jax_floor.py``)."""
+tests of torch, JAX, TensorFlow and Keras: ``tests/torch/test_torch_floor.py``,
+``tests/bridges/test_*_floor.py``)."""
 import subprocess
 import sys
 

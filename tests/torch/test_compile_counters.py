@@ -130,7 +130,7 @@ def test_a_stream_reads_the_device_at_its_start_and_end_only():
     assert len(names) == 8 and len(reads) == 2, (names, len(reads))
 
 
-def test_the_graphs_mark_takes_no_argument_and_runs_once_while_tracing():
+def test_the_graphs_mark_takes_no_argument_is_torchs_own_and_marks_by_the_trace():
     """The plain update marks its device plan ``in_graph`` by a function Dynamo calls for real while
     tracing, marked as ``torch.compiler.assume_constant_result`` marks one, with no argument: Dynamo
     before torch 2.12 calls such a function with Python constants alone, and the device plan it was
