@@ -30,10 +30,11 @@ def floor(package: str) -> str:
     return ".".join(map(str, FLOORS[package]))
 
 
-def refuse_older(face: str, package: str, version: object, extra: str, why: str, instead: str = "") -> None:
+def refuse_older(face: str, package: str, version: object, why: str, instead: str = "") -> None:
     """Raise :class:`ImportError` where ``version`` (``package``'s) is older than its floor, naming
-    the face, both versions, why (``why``: what an older release got wrong) and what to do."""
+    the face, both versions, why (``why``: what an older release got wrong) and what to do (the
+    upgrade, or fastema's extra of the same name)."""
     if older(package, version):
         wanted, also = floor(package), f"; {instead}" if instead else ""
         raise ImportError(f"{face} needs {package} >= {wanted}, found {package} {version}: {why}. Upgrade "
-                          f"{package} (pip install -U '{package}>={wanted}', or install 'fastema[{extra}]'){also}")
+                          f"{package} (pip install -U '{package}>={wanted}', or install 'fastema[{package}]'){also}")

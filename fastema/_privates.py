@@ -88,7 +88,7 @@ TABLE: tuple[Private, ...] = (
        ("optimizers", "state_dict", "info")),
     _p(f"{_DCP}:_StateDictInfo", "torch", _T, _ATTACH,
        "full_state_dict=True (refused for a split average); broadcast_from_rank0=True (refused for "
-       "a sharded average of two rows or more on a torch before 2.13)",
+       "a sharded stack of two rows or more on a torch before 2.13)",
        ("full_state_dict", "broadcast_from_rank0")),
     # ---- torch: DCP's files, read by fastema's own reader of snapshots (refused where gone)
     _p("torch.distributed.checkpoint.filesystem:_StorageInfo", "torch", _T,

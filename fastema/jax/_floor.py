@@ -3,7 +3,7 @@ import jax
 
 from .._floors import refuse_older
 
-refuse_older("fastema.jax", "jax", jax.__version__, "jax",
+refuse_older("fastema.jax", "jax", jax.__version__,
              "0.6.2 is the oldest release every test of fastema.jax passed on "
              "(before it, jax has no jax.shard_map to test the sharded average with; "
              "on 0.4.35 a vmapped update fails, and 0.4.30 has no public "

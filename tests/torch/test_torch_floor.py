@@ -35,9 +35,9 @@ def test_the_floor_compares_releases_as_numbers(version, refused):
     assert found is not None and (found < FLOORS["torch"]) == refused
     if refused:
         with pytest.raises(ImportError, match=re.escape(f"found torch {version}")):
-            refuse_older("fastema.torch", "torch", version, "torch", "why")
+            refuse_older("fastema.torch", "torch", version, "why")
     else:
-        refuse_older("fastema.torch", "torch", version, "torch", "why")
+        refuse_older("fastema.torch", "torch", version, "why")
 
 
 @pytest.mark.parametrize("version", ["unknown", "", None])
@@ -45,7 +45,7 @@ def test_a_version_that_names_no_release_is_not_judged(version):
     """A build whose version names no release (a local build saying ``unknown``) is let through:
     nothing to compare, and refusing it would stop a working install."""
     assert release(version) is None
-    refuse_older("fastema.torch", "torch", version, "torch", "why")
+    refuse_older("fastema.torch", "torch", version, "why")
 
 
 def test_the_floor_release_imports_and_the_installed_torch_is_at_it_or_newer():

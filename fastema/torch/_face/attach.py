@@ -103,10 +103,6 @@ class Joined:
         return self.side.stale
 
     @property
-    def rows(self) -> int:
-        return int(getattr(self.shadow, "rows", 1))
-
-    @property
     def sharded(self) -> bool:
         return self.face.sharded
 
@@ -361,7 +357,7 @@ class Attachment:
                                 f"{self.kind}'s state_dict(), got {type(entry).__name__}; "
                                 f"nothing was loaded")
         _checks.check_groups(optimizer, rest)           # torch's own refusal, before the agreement
-        _checks.check_broadcast(self.face)              # a torch before 2.13's broadcast of it
+        _checks.check_broadcast(entry)                  # a torch before 2.13's broadcast of it
         return entry, rest
 
     def loaded(self, optimizer) -> None:

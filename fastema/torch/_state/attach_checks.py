@@ -239,21 +239,27 @@ def _refuse_fsdp1(kind: str, optimizer: torch.optim.Optimizer, sources: list) ->
                         f"as its parameters are, and attach() carries it through DCP")
 
 
-def check_broadcast(face: Attachable) -> None:
-    """Refuse, on a torch before 2.13, a DCP load with ``broadcast_from_rank0=True`` of a sharded
-    average of two rows or more: DCP gathers its full tensor cut from its padding (not contiguous),
-    and torch 2.12's broadcast (2.10-2.11's too) sends that memory as if it were contiguous, so the
-    other ranks' rows land shifted (seen on 2.12.1; ``docs/install.md``, "Which framework release").
-    The hooks' check runs on every rank alike (the same options), before anything is written."""
+BROADCAST_FIXED = (2, 13)     # the first torch whose DCP broadcasts a non-contiguous tensor right
+
+
+def check_broadcast(entry: dict | None) -> None:
+    """Refuse, on a torch before :data:`BROADCAST_FIXED`, a DCP load with ``broadcast_from_rank0=True``
+    of an entry holding a sharded stack of two rows or more (several decays, a window's ring): DCP
+    gathers it cut from its padding (not contiguous), and torch 2.12's broadcast (2.10-2.11's too)
+    sends that memory as if it were contiguous, so the other ranks' rows land shifted (seen on
+    2.12.1; ``docs/install.md``, "Which framework release"). Every rank holds the same entry after
+    the broadcast: each refuses alike, before anything is written."""
     from ... import _floors
 
     found = _floors.release(torch.__version__)
-    if not face.sharded or face.rows < 2 or found is None or found >= (2, 13):
+    if entry is None or found is None or found >= BROADCAST_FIXED:
         return
-    call = _dcp.context(info=True)
+    rows = [v.shape[0] for part in ("averaged", "ring") if isinstance(entry.get(part), dict)
+            for v in entry[part].values() if hasattr(v, "full_tensor") and v.dim() >= 2 and v.shape[0] > 1]
+    call = _dcp.context(info=True) if rows else None
     if call is not None and call.broadcast_from_rank0:
         raise ValueError(f"a DCP load with broadcast_from_rank0=True of this sharded average of "
-                         f"{face.rows} rows comes back wrong on torch {torch.__version__} (its "
+                         f"{rows[0]} rows comes back wrong on torch {torch.__version__} (its "
                          f"broadcast sends the gathered average, which is not contiguous, as if it "
                          f"were): nothing was loaded. Load with broadcast_from_rank0=False (every "
                          f"rank reads the file), or upgrade torch (pip install -U 'torch>=2.13')")

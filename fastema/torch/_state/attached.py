@@ -82,8 +82,6 @@ class Attachable(Face, Protocol):
     @property
     def stale(self) -> bool: ...                     # the model's registrations changed since
     @property
-    def rows(self) -> int: ...                       # its averages (one row a decay)
-    @property
     def agreement(self) -> Agreement: ...            # its ranks' agreement (calls(), groups())
     def checked_load(self, state: dict) -> Callable[[], None]: ...
 
