@@ -136,10 +136,13 @@ TABLE: tuple[Private, ...] = (
        "fastema/torch/_tensors/slots.py fastema/torch/compat/ema_pytorch/_pytree.py "
        "fastema/torch/compat/ema_pytorch/_shared.py fastema/torch/compat/torchrl.py "
        "fastema/torch/_face/lowered.py", "many copies in one call"),
-    _p("torch:_foreach_lerp_", "torch", _T,
-       "fastema/torch/compat/swa_utils.py fastema/torch/_face/lowered.py",
-       "the drop-in's fallback update, as torch's swa_utils makes it; the update lowered into a "
-       "compiled graph, which Inductor fuses"),
+    _p("torch:_foreach_lerp_", "torch", _T, "fastema/torch/compat/swa_utils.py",
+       "the drop-in's fallback update, as torch's swa_utils makes it"),
+    _p("torch:_foreach_sub", "torch", _T, "fastema/torch/_face/lowered.py",
+       "the update lowered into a compiled graph (which Inductor fuses): the difference"),
+    _p("torch:_foreach_addcmul_", "torch", _T, "fastema/torch/_face/lowered.py",
+       "the update lowered into a compiled graph (which Inductor fuses): one FMA, as Dynamo writes "
+       "_foreach_lerp_ from torch 2.12 on"),
     _p("torch._C:_meta_in_tls_dispatch_include", "torch", _T, "fastema/torch/_face/lowered.py",
        "fake tensors' meta flag, read before a dead average's aliases are emptied wherever the "
        "collector runs (gone: not switched)"),
