@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from .._io.files import atomic_write
-from ..posthoc import MAX_ERROR, plot_profiles, synthesize
+from ..posthoc import MAX_ERROR, plot_profiles, pyplot, synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 from . import Parser, image_path, number, parse, writable
 
@@ -70,6 +70,8 @@ def main(argv=None) -> int:
             if path is not None:
                 writable(option, path, "ema.safetensors" if option == "--out" else "profiles.png")
                 _probe(option, path)
+        if plot is not None:
+            pyplot()                               # matplotlib, before anything is written
         if args.out is not None:
             weights = synthesize(args.directory, args.sigma_rel, gamma=args.gamma, time=args.time,
                                  max_error=args.max_error)

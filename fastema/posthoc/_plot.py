@@ -20,6 +20,18 @@ def plot_path(out: str | os.PathLike) -> str:
     return out if os.path.splitext(out)[1] or os.path.isdir(out) else out + ".png"
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files (``Agg``); ImportError saying what to install where
+    matplotlib is not (asked before anything is written: ``python -m fastema posthoc``)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plotting needs matplotlib (pip install 'fastema[plot]')") from None
+    return plt
+
+
 def plot_profiles(directory: str | os.PathLike, sigma_rel: float | None, out: str, *, time: float | None = None,
                   max_error: float = 1.0) -> Solution | None:
     """Draw the stored profiles of the last snapshot and, with ``sigma_rel``, the target and its
@@ -30,12 +42,7 @@ def plot_profiles(directory: str | os.PathLike, sigma_rel: float | None, out: st
     if os.path.isdir(out):
         raise ValueError(f"plot_profiles: {out!r} is a directory; give a file name (e.g. "
                          f"{os.path.join(out, 'profiles.png')!r})")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plotting needs matplotlib (pip install 'fastema[plot]')") from None
+    plt = pyplot()
     snaps = read_snapshots(directory)
     last = snaps[-1]
     tau = np.linspace(0, last.time, 800)

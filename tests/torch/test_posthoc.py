@@ -2,6 +2,7 @@
 (Karras et al. 2024, EDM2, Eqs. 123 and 126), against the closed form and the paper's values."""
 import functools
 import math
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -411,6 +412,7 @@ def test_targets_the_snapshots_cannot_represent_are_refused(tmp_path):
 
 
 def test_command_line_synthesis_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
     import subprocess
     import sys
 
@@ -565,9 +567,21 @@ def test_command_line_refuses_bad_arguments_in_one_line(snaps, tmp_path, capsys,
 
 def test_command_line_plot_prints_the_file_it_wrote(snaps, tmp_path, capsys):
     """reliability L2: ``--plot NAME`` without an extension wrote NAME.png and printed NAME."""
+    pytest.importorskip("matplotlib")
     rc, out, err = run_cli(capsys, snaps, "--sigma-rel", "0.07", "--plot", tmp_path / "profiles")
     assert rc == 0 and out.strip() == f"wrote {tmp_path / 'profiles.png'}" and (tmp_path / "profiles.png").exists()
     assert not (tmp_path / "profiles").exists()
+
+
+def test_command_line_plot_without_matplotlib_says_what_to_install_and_writes_nothing(
+        snaps, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)             # not installed: ImportError
+    out = tmp_path / "o.safetensors"
+    rc, printed, err = run_cli(capsys, snaps, "--sigma-rel", "0.07", "--out", out,
+                               "--plot", tmp_path / "profiles")
+    assert rc == 1 and not printed
+    one_line(err, "matplotlib", "pip install 'fastema[plot]'")
+    assert not out.exists() and not (tmp_path / "profiles.png").exists()
 
 
 def test_every_command_line_option_has_help_and_its_default(capsys):
