@@ -33,9 +33,16 @@ def _swap(t, new):
     torch.utils.swap_tensors(t, other)             # the same object, another TensorImpl
 
 
+#: torch 2.12 on: a storage can take another's memory in place (before, only as below, freeing it)
+SWAPPABLE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+
+
 def _swap_storage(t, new):
     """The storage object keeps its place and takes other memory (as ``share_memory_`` and a
     reallocation do); the old memory goes to ``new``'s storage, returned to be kept alive."""
+    if not SWAPPABLE:
+        pytest.skip(f"torch {torch.__version__} has no UntypedStorage._swap_data_ptr_ (2.12 on): "
+                    "share_memory_ and a reallocation, which it stands for, are seen below")
     t.untyped_storage()._swap_data_ptr_(new.untyped_storage())
     return new
 
@@ -71,7 +78,8 @@ def test_only_the_address_sees_every_move():
     this fail on a new torch, a cheaper check may have become possible: look again at what each
     signal sees."""
     changed = {}
-    for move, fn in {**MOVES, **IN_PLACE}.items():
+    moves = {m: fn for m, fn in {**MOVES, **IN_PLACE}.items() if SWAPPABLE or fn is not _swap_storage}
+    for move, fn in moves.items():
         t = nn.Parameter(torch.randn(4, 4))
         keep = t.detach()                          # the old memory stays alive: never reused
         before = _signals(t)
@@ -80,9 +88,9 @@ def test_only_the_address_sees_every_move():
         changed[move] = {k for k in before if before[k] != after[k]}
         del keep, also
     assert all("address" in c and "object" not in c for c in changed.values()), changed
-    in_place = [changed[m] for m in ("share_memory_", "storage reallocated",
-                                     "storage data swapped")]
-    assert in_place == [{"address"}] * 3, changed
+    in_place = [changed[m] for m in ("share_memory_", "storage reallocated", "storage data swapped")
+                if m in changed]
+    assert in_place == [{"address"}] * (2 + SWAPPABLE), changed
     assert not {"version", "impl"} & changed["data assigned"], changed
 
 
