@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.jax_x64 import enable_x64
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -331,7 +332,7 @@ def test_writing_into_a_jax_array_points_to_fastema_jax():
 
 def test_float64_leaves_are_averaged_and_complex_leaves_refused():
     # reliability L5: float64 and complex leaves were carried as their latest value
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = {"w": jnp.linspace(-1.0, 1.0, 40, dtype=jnp.float64), "n": jnp.zeros(3, jnp.int32)}
         ema = EMA(params, 0.9)
         ref = np.asarray(params["w"]).copy()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.jax_x64 import enable_x64
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -133,7 +134,7 @@ def test_every_schedule_on_the_device_equals_the_host_plan_bit_for_bit_with_x64(
     if sorted(SCHEDULES).index(kind) % 2:                # half the kinds: a float32 shadow of bfloat16 weights
         options.update(shadow_dtype="float32", rounding="nearest")
     given_steps = kind in ("power_function", "half_life", "bema") or kind in STEP_KINDS[::2]
-    with jax.enable_x64(True):
+    with enable_x64(True):
         face, state = _run(options, [(5, 3), (4,)], ["float32", "bfloat16"], steps=5, given_steps=given_steps)
     _assert_equal(face, state)
 
@@ -277,7 +278,7 @@ def test_shadow_dtype_takes_the_list_of_fastema_jax_EMA_and_refuses_others_by_na
         state = avg.update(avg.init({"w": jnp.full(4, 0.3)}), {"w": jnp.full(4, 0.7)})
         assert state.averages["w"].dtype == dtype
         assert float(avg.average(state)["w"][0]) == pytest.approx(0.34, rel=1e-2)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         avg = fj.ema(0.9, shadow_dtype="float64")
         assert avg.init({"w": jnp.zeros(2, jnp.float32)}).averages["w"].dtype == jnp.float64
 

@@ -2,6 +2,7 @@
 as post-hoc snapshots, read back and synthesised by fastema.posthoc (the torch PostHocEMA's format)."""
 import numpy as np
 import pytest
+from support.jax_x64 import enable_x64
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -106,7 +107,7 @@ def _x64_run(w, kept):
 def test_a_float64_shadow_beyond_float32_is_refused_not_stored_as_inf(tmp_path):
     """A float64 shadow reaches the writer as float64, so its range check refuses a value float32
     cannot hold (as PostHocEMA does) instead of a file holding inf."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         avg, state = _x64_run([1e300, 1.0], {})
         assert state.averages["w"].dtype == jnp.float64
         with pytest.raises(OverflowError, match=r"0:\['w'\] holds 1 finite value.*beyond the range of float32.*"
@@ -125,7 +126,7 @@ def test_float64_rows_and_leaves_of_any_dtype_round_trip_through_fastema_posthoc
     as PostHocEMA keeps them: read back, each profile is the state's row rounded to float32, each
     leaf its value bit for bit in its dtype, and synthesising each tracked profile gives its row."""
     kept = {"n": jnp.asarray([0, 7, 2**32 - 1], jnp.uint32), "f8": jnp.asarray([0.5, -448.0], jnp.float8_e4m3fn)}
-    with jax.enable_x64(True):
+    with enable_x64(True):
         avg, state = _x64_run([0.1, -2.5, 3.25e10], kept)
         rows = np.asarray(state.averages["w"])
         path = fj.snapshot(avg, state, tmp_path, run_id="r")

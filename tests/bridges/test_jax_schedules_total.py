@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support.jax_x64 import enable_x64
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -57,7 +58,7 @@ def _decays(name: str, x64: bool):
     """The device's decays of ``SCHEDULES[name]`` over arrays ``(n, t, last, first)`` (int32)."""
     key = (name, x64)
     if key not in _DECAYS:
-        with jax.enable_x64(x64):
+        with enable_x64(x64):
             _DECAYS[key] = device_decays(SCHEDULES[name])
     return _DECAYS[key]
 
@@ -72,7 +73,7 @@ def _check_decays(name: str, x64: bool, n, t, last, first) -> None:
     pad = -len(n) % SIZE
     n, t, last, first = (np.concatenate([np.asarray(a, np.int64), np.zeros(pad, np.int64)])
                          for a in (n, t, last, first))
-    with jax.enable_x64(x64):
+    with enable_x64(x64):
         run = _decays(name, x64)
         d = np.concatenate([np.asarray(run(*(jnp.asarray(a[i:i + SIZE], jnp.int32) for a in (n, t, last, first))),
                                        np.float64) for i in range(0, len(n), SIZE)])
@@ -144,7 +145,7 @@ def test_a_traced_step_before_the_last_update_holds_the_average(name, x64):
     PowerFunction -1e6 (from 0.999 and 1.0); PowerFunction at step 0 copied the parameters
     (``d = 0``, both precisions). The docs: a traced step before the last update's time holds the
     average (``d = 1``)."""
-    with jax.enable_x64(x64):
+    with enable_x64(x64):
         avg, update = _update(name, x64)
         state = update(avg.init({"w": jnp.zeros(3)}), {"w": jnp.ones(3, jnp.float32)}, jnp.asarray(100, _int(x64)))
         held = np.asarray(state.averages["w"])
@@ -162,7 +163,7 @@ def test_a_concrete_jax_array_step_is_range_checked_like_a_numpy_integer(x64):
     """J05: ``step=jnp.asarray(-5)`` (not traced) was read as a traced step (NumUpdates: weight
     1.8), and under x64 ``jnp.asarray(2**31)`` wrapped through the int32 cast. Each is refused as
     ``np.int64(-5)`` is, as are floats, bools and arrays that are not scalars, naming the step."""
-    with jax.enable_x64(x64):
+    with enable_x64(x64):
         avg = fj.ema(NumUpdates(0.9))
         state = avg.init({"w": jnp.zeros(4)})
         bad = [jnp.asarray(-5), jnp.asarray(-1, jnp.int8), jnp.asarray(2.0), jnp.asarray(True),
@@ -184,7 +185,7 @@ def test_a_traced_step_out_of_range_holds_the_call_and_a_float_one_is_refused(x6
     beyond int32: 2**31 wrapped to -2**31, 2**32 + 5 to 5) writes nothing and counts no update,
     checked in the step's own dtype before the int32 cast; a float or non-scalar step is refused
     when traced."""
-    with jax.enable_x64(x64):
+    with enable_x64(x64):
         avg, update = _update("num_updates", x64)
         nine = {"w": jnp.full(3, 9.0, jnp.float32)}
         state = update(avg.init({"w": jnp.zeros(3)}), {"w": jnp.ones(3, jnp.float32)}, jnp.asarray(3, _int(x64)))
@@ -213,7 +214,7 @@ def test_the_averages_stay_in_the_hull_of_the_parameters_for_any_steps(name, x64
     (traced: the update is jitted), of any value: a concrete one out of range is refused (nothing
     runs), a traced one holds the call; every average row (BEMA: its EMA and theta_0 rows; its
     output extrapolates by design) stays within the parameters it was given."""
-    with jax.enable_x64(x64):
+    with enable_x64(x64):
         avg, jitted = _update(name, x64)
         dtype = _int(x64)
         state = avg.init({"w": jnp.zeros(3)})
