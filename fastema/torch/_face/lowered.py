@@ -11,8 +11,8 @@ last followed it (no swap in, no restart or registration pending). :meth:`Lowere
 writes, in the traced function, the plan kernel's step (``kernels._stats.plan_step``) in float64
 tensor operations on the device plan's counters (the decay, the debiased weight), and the lerp of
 each row's shadow views to the sources as Dynamo writes ``torch._foreach_lerp_`` from torch 2.12 on
-(:func:`_lerp_`, on every supported torch), the weight a 0-d tensor of
-the graph (a constant decay: a constant of the graph; never a Python number read at each call: no
+(:func:`_lerp_`, on every supported torch), the weight a 0-d tensor of the graph (a constant decay:
+a constant of the graph, filled in by ``full_like``; never a Python number read at each call: no
 recompilation as it changes, no host sync), then copies the copied buffers. Every tensor it writes
 is a constant of the graph of its own, guarded by identity (:class:`Lowered`: an alias of a view of
 the shadow's flat buffer, the views not overlapping one another), so Inductor writes them in place:
@@ -29,10 +29,11 @@ the counters (``ema.updates``, ``calls``, ``decay``, ``plan``, ``state_dict()``,
 reads the device's first (:meth:`fastema.average.Average.plan_now`: on a GPU a sync).
 
 Rounding: the lerp is ``addcmul`` of the difference, ``coeff * (end - start) + base``; a graph run
-as it is (no Inductor) and Inductor's CUDA code make that one FMA, as torch's eager ``lerp_`` and
-fastema's kernels do: the same bits; Inductor's C++ rounds the product first: within one rounding
-of the eager update. The decay's float64 formulas are the plan kernel's; ``pow`` may differ from the kernel's in
-the last bit of the float64 (a warm-up's decay).
+as it is (no Inductor: torch's ``addcmul`` kernels; on CUDA from torch 2.11) and Inductor's CUDA
+code make that one FMA, as torch's eager ``lerp_`` and fastema's kernels do: the same bits;
+Inductor's C++ rounds the product first: within one rounding of the eager update. The decay's
+float64 formulas are the plan kernel's; ``pow`` may differ from the kernel's in the last bit of
+the float64 (a warm-up's decay).
 """
 from __future__ import annotations
 
@@ -155,19 +156,21 @@ class Lowered:
             for dtype, device, row, start, stop in self.runs:
                 w = weights[device][row]
                 _lerp_(views[row * n + start:row * n + stop], sources[start:stop],
-                       w if isinstance(w, float) else w.to(dtype))
+                       w if isinstance(w, float) else w.to(dtype), dtype)
             if self.copies:
                 torch._foreach_copy_(self.copies, sources[n:])
         return self.in_graph()                      # run while tracing, not at every call
 
 
-def _lerp_(views: list, sources: list, weight) -> None:
+def _lerp_(views: list, sources: list, weight, dtype) -> None:
     """``torch._foreach_lerp_(views, sources, weight)`` as Dynamo writes it from torch 2.12 on (its
     polyfill ``foreach_lerp_inplace``): the difference, then one ``addcmul_`` (one FMA where the
     compiler makes one), from the view below a weight of 0.5 and from the source above it, eager
     ``lerp_``'s formula (a tensor weight: both, selected). Written here, so that every supported
     torch writes the same graph: 2.10 and 2.11 wrote it as sub, mul, add, two roundings (a graph
-    run as it is, without Inductor, was not eager's update)."""
+    run as it is, without Inductor, was not eager's update). A Python weight is judged as eager
+    judges it, in the views' ``dtype``: a float32 one from ``0.5 - 2**-26`` up rounds to 0.5 (the
+    polyfill judges the float64)."""
     diff = torch._foreach_sub(sources, views)
     if isinstance(weight, torch.Tensor):
         high = weight.abs() >= 0.5
@@ -175,7 +178,9 @@ def _lerp_(views: list, sources: list, weight) -> None:
         bases = [torch.where(high, src, view) for view, src in zip(views, sources)]
         torch._foreach_addcmul_(bases, [w for _ in diff], diff)
         torch._foreach_copy_(views, bases)
-    elif weight >= 0.5 or weight <= -0.5:
+        return
+    half = 0.5 if dtype is torch.float64 else 0.5 - 2.0 ** -26    # the least taken as 0.5 or more
+    if weight >= half or weight <= -half:
         first = views[0]
         w = -(1.0 - torch.tensor(weight, dtype=first.dtype, device=first.device))
         torch._foreach_copy_(views, sources)
