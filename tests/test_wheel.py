@@ -97,7 +97,7 @@ def built(tmp_path_factory):
         return set(shutil.ignore_patterns(*_SKIP_ANY)(folder, names)) | {
             n for n in names if (rel / n).as_posix() in _SKIP_PATHS}
 
-    assert importlib.util.find_spec("build"), "python -m build: pip install build (the dev extra has it)"
+    assert importlib.util.find_spec("build.__main__"), "python -m build: pip install build (the dev extra has it)"
     shutil.copytree(ROOT, src, ignore=ignore, symlinks=True)
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", base / "dist", src], timeout=300)
     sdists, wheels = sorted((base / "dist").glob("*.tar.gz")), sorted((base / "dist").glob("*.whl"))

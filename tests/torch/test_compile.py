@@ -732,7 +732,7 @@ def test_the_special_cases_stay_on_the_operator_and_equal_eager():
         called = _traced(fn)
         eb.update(step)
         plain = name == "plain"
-        foreach = any(c.startswith("_foreach_") for c in called)     # Dynamo's lerp: sub then addcmul
+        foreach = any(c.startswith("_foreach_") for c in called)     # fastema's lerp: sub then addcmul
         assert ("fastema.update_" in called, foreach) == (not plain, plain), (name, called)
         _assert_same(ea, eb)
 

@@ -315,6 +315,7 @@ def _trainer_flows(rank, world, folder):
 
 def test_the_trainers_callbacks_gather_before_the_saving_rank_writes(tmp_path):
     pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")              # transformers' TrainingArguments asks for it
     if not any(importlib.util.find_spec(m) for m in ("lightning", "pytorch_lightning")):
         pytest.skip("needs PyTorch Lightning (lightning or pytorch_lightning)")
     r = run_ranks(_trainer_flows, tmp_path, 2, str(tmp_path), pg_timeout=30.0)
