@@ -2,6 +2,8 @@
 torch's own lerp for the pairs the kernels do not take), used by ema-pytorch's and diffusers'."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ...ops import cached_pairs, ema_update_many_
@@ -66,3 +68,50 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
             for t, s in rest:
                 slow(t, s, weight)
 
+
+
+def check_module_load(module: torch.nn.Module, state_dict, strict: bool, assign: bool) -> None:
+    """What ``module.load_state_dict(state_dict, strict, assign)`` would refuse only after copying
+    the rest (torch copies key by key and raises at the end), refused here before anything is
+    written, in torch's words: a value that is not a tensor, a meta tensor copied from (no
+    values), a shape torch does not take, and under ``strict`` a missing or unexpected key
+    (``num_batches_tracked``, which torch's batch norms fill from an older checkpoint, may be
+    missing)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
+    mine = module.state_dict(keep_vars=True)
+    errors = []
+    for key, t in mine.items():
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            errors.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                          f"object from checkpoint but received {type(value)}")
+        elif value.is_meta and not assign and not t.is_meta:
+            errors.append(f'"{key}" in the checkpoint is a meta tensor, which holds no values: load a '
+                          f"checkpoint that holds them")
+        elif not (torch.nn.parameter.is_lazy(t) or (t.dim() == 0 and value.dim() == 1)
+                  or value.shape == t.shape):
+            errors.append(f"size mismatch for {key}: copying a param with shape {value.shape} from checkpoint, "
+                          f"the shape in current model is {t.shape}.")
+    if strict:
+        unexpected = [k for k in state_dict if k not in mine]
+        missing = [k for k in mine if k not in state_dict and not k.endswith("num_batches_tracked")]
+        if unexpected:
+            errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+        if missing:
+            errors.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+    if errors:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}:\n\t" + "\n\t".join(errors)
+                           + "\nNothing was loaded (every key is checked before one is written).")
+
+
+class AllOrNothingLoad(torch.nn.Module):
+    """A drop-in whose ``load_state_dict`` is all or nothing: what torch refuses is refused before a
+    tensor is written (:func:`check_module_load`), the user's model too where the state dict holds
+    it (ema-pytorch's ``include_online_model``)."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        check_module_load(self, state_dict, strict, assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

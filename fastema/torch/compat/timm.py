@@ -18,7 +18,7 @@ from ..._backends import address_key, layout_guard
 from ...pairs import PairShadow
 from .._tensors.hooks import unsynced, unwrap, watch
 from .._tensors.slots import bump_versions
-from ._common import kernel_pair
+from ._common import AllOrNothingLoad, kernel_pair
 
 
 class _Paired(NamedTuple):
@@ -35,7 +35,7 @@ class _Paired(NamedTuple):
 __all__ = ["ModelEmaV3"]
 
 
-class ModelEmaV3(nn.Module):
+class ModelEmaV3(AllOrNothingLoad):
     """timm's ``ModelEmaV3`` (timm 1.0.31): ``module`` is an averaged copy of the model, updated in
     one launch per (device, dtype) group.
 

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from .... import schedules as S
+from .._common import AllOrNothingLoad
 from ._base import AssertionTypeError, AssertionValueError, _Counters, _device_options, _lerp_towards, _Warmup
 from ._pytree import EMAPytree
 
 
-class _EmaPytorchBase(_Counters):
+class _EmaPytorchBase(AllOrNothingLoad, _Counters):
     """What ema-pytorch's ``EMA`` and ``KarrasEMA`` share: the averaged copy ``ema_model``, the
     name filters, the ``initted`` / ``step`` buffers, copies both ways, and the update of one
     module towards another (one fastema launch per group instead of a per-tensor loop)."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from .... import schedules as S
 from ...._io.safe_files import FileRefused, open_regular, regular
+from .._common import AllOrNothingLoad
 from ._base import AssertionValueError
 from ._model import KarrasEMA
 from ._shared import Watch, decide
@@ -34,7 +35,7 @@ def _checkpoint_name(path: pathlib.Path, profiles: int) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-class PostHocEMA(nn.Module):
+class PostHocEMA(AllOrNothingLoad):
     """ema-pytorch's ``PostHocEMA``: several :class:`KarrasEMA`, checkpointed every
     ``checkpoint_every_num_steps`` as ``{index}.{step}.pt`` in ``checkpoint_folder`` (ema-pytorch's
     files: a folder written by either can be synthesised by either), and

@@ -8,6 +8,7 @@ import typing
 import torch
 from torch import nn
 
+from .._common import AllOrNothingLoad
 from ._base import AssertionRuntimeError, AssertionTypeError, AssertionValueError
 from ._model import EMA
 
@@ -69,7 +70,7 @@ def _parse_specs(model: nn.Module, ema_module_kwargs, default_kwarg: str) -> lis
     return specs
 
 
-class EMAModuleWrapper(nn.Module):
+class EMAModuleWrapper(AllOrNothingLoad):
     """ema-pytorch 0.8.3's ``EMAModuleWrapper``: an :class:`EMA` of ``model`` (made from
     ``**ema_kwargs``, or ``ema=``) that routes the EMA copy's submodule outputs into the online
     model's forward (self-distillation: BYOL, DINO, JEPA-style targets).
