@@ -306,10 +306,12 @@ class Smoother:
 
     def state_dict(self) -> dict:
         """The smoother's settings, update count and state arrays (version :data:`VERSION`: the weighted
-        sums in units of :data:`SCALE`, the weighted layout's arrays once a ``sample_weight`` came)."""
+        sums in units of :data:`SCALE`, the weighted layout's arrays once a ``sample_weight`` came):
+        copies, which later updates leave as they were."""
         return {"format": "fastema.Smoother", "version": VERSION, "alpha": self.alpha, "mode": self.mode,
                 "window": self.window, "min_periods": self.min_periods, "nonfinite": self.nonfinite,
-                "count": self.count, "shape": self.shape, "state": dict(self._state)}
+                "count": self.count, "shape": self.shape,
+                "state": {k: _backends.concat([v]) for k, v in self._state.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (version 3; versions 1 and 2, written by earlier releases, are

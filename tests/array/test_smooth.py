@@ -140,6 +140,26 @@ def test_state_dict_resume_continues_exactly():
         Smoother(span=5, window=5).load_state_dict(a.state_dict())
 
 
+@pytest.mark.parametrize("make", [np.array, torch.tensor], ids=["numpy", "torch"])
+def test_a_state_dict_kept_in_memory_is_the_state_it_was_saved_with(make):
+    """A "best so far" kept in memory: later updates leave it as it was (it held the live arrays,
+    so restoring it gave the later sums under the earlier count)."""
+    s = Smoother(decay=0.8, window=3)
+    for y in (1.0, 2.0, 3.0):
+        s.update(make([y]))
+    kept = s.state_dict()
+    saved = {n: np.array(_host(v)) for n, v in kept["state"].items()}
+    ema, sma = _host(s.ema).copy(), _host(s.sma).copy()
+    s.update(make([100.0]))
+    assert all(np.array_equal(_host(v), saved[n]) for n, v in kept["state"].items())
+    s.load_state_dict(kept)
+    assert s.count == 3 and np.array_equal(_host(s.ema), ema) and np.array_equal(_host(s.sma), sma)
+
+
+def _host(x):
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), "give an EMA parameter"), (dict(span=5, decay=0.9), "exactly one of"),
     (dict(span=0.5), "span must be >= 1"), (dict(decay=1.0), r"decay must be \[0, 1\)"),
