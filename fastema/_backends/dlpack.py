@@ -34,9 +34,14 @@ def framework_of(x) -> str | None:
 
 
 def _from_dlpack(x, what: str, framework: str):
-    dev = x.__dlpack_device__() if hasattr(x, "__dlpack_device__") else (_dl.CPU, 0)
-    on_gpu = int(dev[0]) in (_dl.CUDA, _dl.CUDA_MANAGED)
+    if framework == "tensorflow":
+        _numbers_only(x, what)
+    if framework == "jax" and callable(getattr(x, "is_deleted", None)) and x.is_deleted():
+        raise ValueError(f"{what} is a deleted JAX array (donated to a jitted function, or deleted): pass "
+                         f"the array that function returned")
     try:
+        dev = x.__dlpack_device__() if hasattr(x, "__dlpack_device__") else (_dl.CPU, 0)
+        on_gpu = int(dev[0]) in (_dl.CUDA, _dl.CUDA_MANAGED)
         # CUDA producers order their writes before the legacy default stream (1), where
         # fastema launches for arrays it does not know the stream of.
         im = _dl.import_(x, stream=1 if on_gpu else None)
@@ -57,6 +62,15 @@ def _from_dlpack(x, what: str, framework: str):
     writable = framework not in READ_ONLY_HINTS and not im.read_only
     address = im.address if math.prod(im.shape) else 0
     return Buf(im, kind, device, im.shape, address, writable, framework)
+
+
+def _numbers_only(x, what: str) -> None:
+    """Refuse a TensorFlow tensor that holds no numbers (strings, resources, variants) before
+    DLPack is asked: TensorFlow's export of a string tensor aborts the process."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not any(getattr(dtype, f, False) for f in ("is_floating", "is_integer", "is_bool",
+                                                                          "is_complex")):
+        raise unsupported_dtype(what, getattr(dtype, "name", str(dtype)))
 
 
 class DLPack(Backend):

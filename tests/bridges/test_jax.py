@@ -330,6 +330,17 @@ def test_writing_into_a_jax_array_points_to_fastema_jax():
         fastema.ema_update_(np.zeros(3, np.float32), jnp.arange(3), 0.5)
 
 
+def test_a_deleted_jax_array_is_refused_by_name():
+    """A donated or deleted JAX array as a source: said, where DLPack's own error was a TypeError
+    about a NoneType."""
+    src = jnp.ones(3)
+    src.delete()
+    shadow = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="src is a deleted JAX array .* pass the array that function returned"):
+        fastema.ema_update_(shadow, src, 0.5)
+    np.testing.assert_array_equal(shadow, np.zeros(3))
+
+
 def test_float64_leaves_are_averaged_and_complex_leaves_refused():
     # reliability L5: float64 and complex leaves were carried as their latest value
     with enable_x64(True):

@@ -211,6 +211,18 @@ def test_array_level_reads_tensorflow_tensors_and_refuses_to_write_them(rng):
     np.testing.assert_array_equal(var.numpy(), np.ones(4))
 
 
+def test_a_tensorflow_tensor_of_strings_is_refused_and_the_process_lives():
+    """TensorFlow's DLPack export of a string tensor aborts the process (SIGABRT, no exception):
+    its dtype is read first. In a child process, so that a regression is a failure, not a lost
+    worker."""
+    code = ("import numpy as np, tensorflow as tf, fastema\n"
+            "try:\n    fastema.ema_update_(np.zeros(1, np.float32), tf.constant(['a']), 0.5)\n"
+            "except TypeError as e:\n    print('REFUSED', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFUSED src has dtype string; fastema works on float32" in run.stdout, run.stdout
+
+
 def test_nested_average_parameters_keeps_the_average_in():
     # reliability M4: an evaluation helper's own `with average_weights()` inside a swapped block
     model = MLP()
