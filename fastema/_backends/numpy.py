@@ -15,9 +15,10 @@ BITS = {F32: np.uint32, BF16: np.uint16, F16: np.uint16, F64: np.float64}    # h
 
 
 def kind_of(dtype) -> int | None:
-    kind = KINDS.get(np.dtype(dtype))
-    if kind is None and np.dtype(dtype).name == "bfloat16":       # ml_dtypes.bfloat16
-        kind = BF16
+    dtype = np.dtype(dtype)
+    kind = KINDS.get(dtype)
+    if kind is None and dtype.name == "bfloat16" and dtype.isnative:       # ml_dtypes.bfloat16
+        kind = BF16                    # (byte-swapped it keeps its name: refused, as float32 is)
     return kind
 
 
@@ -46,7 +47,8 @@ class NumPy(Backend):
     def describe(self, a: np.ndarray, what: str) -> Buf:
         kind = kind_of(a.dtype)
         if kind is None:
-            raise unsupported_dtype(what, a.dtype)
+            raise unsupported_dtype(what, a.dtype if a.dtype.isnative else
+                                    f"{a.dtype.name} in the other byte order ({a.dtype.str})")
         item = a.dtype.itemsize
         order = None if any(st % item for st in a.strides) else layout(a.shape, [st // item for st in a.strides])
         if order is None or any(st < 0 for st in a.strides):

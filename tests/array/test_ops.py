@@ -142,6 +142,22 @@ def test_swap_same_dtype_round_trips_exactly(dtype):
     assert torch.equal(a, a0) and torch.equal(b, b0)
 
 
+@pytest.mark.parametrize("name", ["bfloat16", "float32", "float16"])
+def test_an_array_in_the_other_byte_order_is_refused_and_nothing_written(name):
+    """A byte-swapped ml_dtypes bfloat16 keeps its dtype's name: it was read as native (1, 2, 3
+    came out as -5.8e-39, 5.9e-39, 3); every dtype in the other byte order is refused alike."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    native = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    swapped = np.array([1.0, 2.0, 3.0], native).astype(native.newbyteorder())
+    assert not swapped.dtype.isnative and np.array_equal(swapped.astype(np.float32), [1, 2, 3])
+    shadow = np.full(3, 7.0, np.float32)
+    with pytest.raises(TypeError, match=r"src has dtype .*(other byte order|>f)"):
+        fastema.ema_update_(shadow, swapped, 0.0)
+    with pytest.raises(TypeError, match=r"shadow has dtype"):
+        fastema.ema_update_(swapped, shadow, 0.5)
+    assert np.array_equal(shadow, np.full(3, 7.0)) and np.array_equal(swapped.astype(np.float32), [1, 2, 3])
+
+
 def test_swap_mixed_dtypes_needs_lossy():
     a, b = rand(100, "float32", 14), rand(100, "bfloat16", 15)
     a0, b0 = a.clone(), b.clone()
