@@ -210,3 +210,28 @@ def test_peer_settings_out_of_range_are_refused_at_load_by_name_with_nothing_cha
             _equal(value, after[key])
         else:
             assert value == after[key], key
+
+
+@pytest.mark.parametrize("part", ["shadow_params", "collected_params"])
+@pytest.mark.parametrize("bad", ["complex64", "int64", "meta"])
+def test_torch_ema_tensors_no_average_could_hold_are_refused_at_load_with_nothing_changed(part, bad):
+    """torch_ema's drop-in checked the shapes only: a meta tensor last in the list failed the copy
+    halfway through (the shadows before it loaded, torch's NotImplementedError), and a complex one
+    was taken with its imaginary part dropped (an integer one rounded)."""
+    net = mlp(3, 4, 1)
+    ours = compat.ExponentialMovingAverage(net.parameters(), decay=0.9)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ours.update()
+    ours.store()
+    state = ours.state_dict()
+    tensors = [torch.zeros_like(t) for t in state["shadow_params"]]
+    last = tensors[-1]
+    tensors[-1] = (torch.empty(last.shape, device="meta") if bad == "meta" else
+                   (last + 1j).to(torch.complex64) if bad == "complex64" else last.to(torch.int64))
+    before = [t.clone() for t in ours.shadow_params]
+    with pytest.raises(ValueError, match=rf"{part}\[{len(tensors) - 1}\] .*(meta tensor|dtype torch\.{bad}).*"
+                                         r"nothing was loaded"):
+        ours.load_state_dict({**state, part: tensors, "num_updates": 7})
+    _equal(before, ours.shadow_params)
+    assert ours.num_updates != 7
