@@ -291,6 +291,8 @@ class Plan:
             schedules = [from_state(s) for s in saved]
             check_count("updates", state["updates"])
             check_count("calls", state["calls"])
+            if state["updates"] > state["calls"]:             # each update is a call
+                raise ValueError(f"updates ({state['updates']}) must be at most calls ({state['calls']})")
             check_count("update_every", state["update_every"], 1)
             problem = _merge_every_problem(schedules[0], state["update_every"])    # saved before it was refused
             if problem:
@@ -306,8 +308,8 @@ class Plan:
             first, last = state.get("first_time"), state.get("last_time", 0.0)
             if first is not None and not math.isfinite(float(first)):
                 raise ValueError(f"first_time must be finite, got {first!r}")
-            if not float(last) >= 0:
-                raise ValueError(f"last_time must be >= 0, got {last!r}")
+            if not (math.isfinite(float(last)) and float(last) >= 0):
+                raise ValueError(f"last_time must be finite and >= 0, got {last!r}")
         except KeyError as err:
             problems.append(f"schedule state has no {err.args[0]!r}")
         except (TypeError, ValueError) as err:

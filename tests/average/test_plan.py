@@ -58,3 +58,29 @@ def test_fastema_average_exports_what_users_call_and_nothing_else():
         assert not hasattr(fastema.average, name), name
     with pytest.raises(AttributeError):
         fastema.average.NotAName
+
+
+@pytest.mark.parametrize("change, said", [
+    (dict(last_time=float("inf")), r"last_time must be finite and >= 0, got inf"),
+    (dict(last_time=float("nan")), r"last_time must be finite and >= 0, got nan"),
+    (dict(updates=10 ** 6), r"updates \(1000000\) must be at most calls \(3\)"),
+])
+def test_counters_and_times_no_run_can_have_are_refused_at_load_with_nothing_changed(change, said):
+    """A checkpoint whose last update time is infinite loaded, and then every update(step=...) was
+    refused as "before the last update's time inf", blaming the step; more updates than calls loaded
+    as they were. Refused at load, naming the field."""
+    from fastema.schedules import HalfLife
+
+    model = torch.nn.Linear(4, 3)
+    ema = fastema.torch.EMA(model, HalfLife(10.0))
+    for step in (1, 2, 3):
+        ema.update(step=step)
+    state = ema.state_dict()
+    before = {k: v for k, v in state.items() if k != "averaged"}
+    with pytest.raises(ValueError, match=said):
+        ema.load_state_dict({**state, **change})
+    after = ema.state_dict()
+    assert {k: v for k, v in after.items() if k != "averaged"} == before
+    assert all(torch.equal(after["averaged"][k], state["averaged"][k]) for k in state["averaged"])
+    ema.update(step=4)                                 # and it goes on
+    assert ema.updates == 4
