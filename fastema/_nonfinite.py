@@ -44,11 +44,11 @@ def refusal(call: str, which: str, names: Sequence[str]) -> str:
             f"Nothing was written.")
 
 
-def held(names: Sequence[str], beyond: dict[str, str]) -> str:
-    """What a checkpoint's averaged ``names`` hold, for a refused load: inf or NaN, and, for those
-    of ``beyond`` (``name -> the average's dtype``), finite in the checkpoint but not once
-    converted."""
-    out = f"averaged {named(names)} hold{'s' * (len(names) == 1)} inf or NaN"
+def held(names: Sequence[str], beyond: dict[str, str], part: str = "averaged") -> str:
+    """What a checkpoint's ``part`` (averaged or copied) ``names`` hold, for a refused load: inf or
+    NaN, and, for those of ``beyond`` (``name -> the average's dtype``), finite in the checkpoint
+    but not once converted."""
+    out = f"{part} {named(names)} hold{'s' * (len(names) == 1)} inf or NaN"
     if beyond:
         out += (f" as it lands ({named(list(beyond))} finite in the checkpoint but past the range "
                 f"of the average's {', '.join(sorted(set(beyond.values())))}: inf once converted)")

@@ -182,6 +182,30 @@ def test_a_load_refuses_a_poisoned_average_by_name_writes_nothing_and_offers_the
     assert ema.repair_nonfinite() == ["2.bias"]
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["default", "skip_nonfinite"])
+def test_a_load_refuses_a_copied_buffer_holding_nan_by_name_and_writes_nothing(skip):
+    """A checkpoint's copied buffer (a batch norm's running_var) holding NaN loaded: average_parameters()
+    then put it in the model and save() wrote it, where skip_nonfinite skips such a buffer at every
+    update. Refused as a poisoned average is; allowed, it loads, and an update copies the model's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    m(torch.randn(8, 5))                                # running stats of their own
+    ema = EMA(m, 0.9, skip_nonfinite=skip)
+    ema.update()
+    state = ema.state_dict()
+    state["copied"] = {k: v.clone() for k, v in state["copied"].items()}
+    state["copied"]["1.running_var"].fill_(NAN)
+    before = {k: v.clone() for k, v in ema.state_dict()["copied"].items()}
+    with pytest.raises(ValueError, match=r"copied '1.running_var' holds inf or NaN \(an update copies the "
+                                         r"model's over it\)\. To load it all the same.*Nothing was loaded"):
+        ema.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict()["copied"].items())
+    ema.load_state_dict(state, allow_nonfinite=True)
+    assert ema.state_dict()["copied"]["1.running_var"].isnan().all()
+    ema.update()
+    assert torch.equal(ema.state_dict()["copied"]["1.running_var"], m[1].running_var)
+
+
 def test_update_makes_no_scan_and_no_host_read_with_a_poisoned_average():
     m = model()
     ema = EMA(m, 0.9)

@@ -308,6 +308,7 @@ class TorchCheckpoint:
         groups = (("averaged", avg.names, avg.state_view, True, True),
                   ("copied", copied.names if copied is not None else [], copied_view, False, False),
                   ("int_buffers", list(ints), lambda n: ints[n][1], False, False))
+        copied_bad: list[str] = []                   # copied buffers holding inf or NaN
         for key, names, view_of, finite, stacked in groups:
             saved = state.get(key, {})
             if not isinstance(saved, dict):
@@ -354,6 +355,8 @@ class TorchCheckpoint:
                         poisoned.append(n)
                         if bool(torch.isfinite(value).all()):  # finite in its own dtype
                             beyond[n] = str(dst.dtype).replace("torch.", "")
+                    elif key == "copied" and dst.is_floating_point() and not lands_finite(value, dst.dtype):
+                        copied_bad.append(n)            # the swap would hand it to the model
                     loads.append((dst, value))
         calls = state.get("calls")
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
@@ -362,8 +365,10 @@ class TorchCheckpoint:
         if isinstance(split_id, bool) or not isinstance(split_id, int):
             problems.append(f"split_id must be an int, got {split_id!r}")
         self.core.check_plan_state(state, problems)
-        if poisoned and self.nonfinite.checking:
-            what = held(poisoned, beyond)
+        if (poisoned or copied_bad) and self.nonfinite.checking:
+            what = "; ".join(([held(poisoned, beyond)] if poisoned else [])
+                             + ([held(copied_bad, {}, "copied") + " (an update copies the model's over it)"]
+                                if copied_bad else []))
             if problems:                             # refused for more than that
                 problems.append(what)
             else:
