@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any, Iterator, Protocol, Sequence
 
 from . import _launch
-from ._backends import Buf, describe, disjoint
+from ._backends import READ_ONLY_HINTS, Buf, describe, disjoint
 from .kernels.kinds import KIND_NAMES
 
 _DEVICE = operator.attrgetter("device")
@@ -88,6 +88,7 @@ class _Tracked:
     def set(self, bufs: list[Buf]) -> None:
         self.addresses = [b.address for b in bufs]
         self.tensors = [b.obj for b in bufs]             # the sources, for the per-step address check
+        self.read_only = [(i, b.framework) for i, b in enumerate(bufs) if not b.writable]
         self.keep: list[Any] = self.backend.keep_alive(self.tensors) if self.track else []
         self.signatures = self.backend.signatures(self.tensors) if self.track else None
 
@@ -148,6 +149,17 @@ class SourceTable:
                 self._checked(g)
                 if t.track:
                     t.signatures = t.backend.signatures(t.tensors)
+
+    def check_writable(self, what: str) -> None:
+        """Refuse ``what`` (a write into the sources: a swap, ``copy_to_sources()``) where a source
+        is read-only (a read-only NumPy array; a JAX array or a TensorFlow tensor, which the
+        array functions refuse to write alike), naming it, before anything is written."""
+        for g, t in zip(self._layout.groups, self._tracked):
+            if t.read_only:
+                i, framework = t.read_only[0]
+                hint = READ_ONLY_HINTS.get(framework, "pass writable arrays (they are written in place)")
+                raise ValueError(f"{what} writes the sources, and source {self.names[g.members[i]]!r} is "
+                                 f"read-only: {hint}")
 
     def rebind(self, sources: Sequence | Mapping) -> None:
         """Track new source objects (same names/order, dtypes, shapes, layouts, devices); refuses

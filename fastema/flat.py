@@ -218,6 +218,7 @@ class FlatShadow(ShadowBase, StepLaunches):
         self._swap.refuse("copy_to_sources()")
         self._refuse_split("copy_to_sources()")
         self.check_row(row)
+        self.source_table.check_writable("copy_to_sources()")
         self.check_sources()
         self.layout.copy_out(row)
 
@@ -231,6 +232,7 @@ class FlatShadow(ShadowBase, StepLaunches):
         """
         self._refuse_split("swap()")
         self.check_row(row)
+        self.source_table.check_writable("swap()")
         self._swap.swap(self.layout, self.source_table, row, lossy)
 
     def backup(self) -> "FlatShadow":

@@ -155,6 +155,7 @@ class WindowShadow(ShadowBase):
         self._swap.refuse("copy_to_sources()")
         self._refuse_split("copy_to_sources()")
         self.check_row(row)
+        self.source_table.check_writable("copy_to_sources()")
         self.check_sources()
         self.layout.copy_out(0)
 
@@ -163,6 +164,7 @@ class WindowShadow(ShadowBase):
         :meth:`fastema.FlatShadow.swap`)."""
         self._refuse_split("swap()")
         self.check_row(row)
+        self.source_table.check_writable("swap()")
         self._swap.swap(self.layout, self.source_table, 0, lossy)
 
     def check_row(self, row: int) -> None:

@@ -384,3 +384,26 @@ def test_flat_shadow_of_the_same_tensor_twice_is_refused():
     x = torch.zeros(1000)
     with pytest.raises(ValueError, match="share memory"):
         fastema.FlatShadow([x, x])
+
+
+def _read_only_sources():
+    ro = np.arange(1.0, 4.0, dtype=np.float32)
+    ro.flags.writeable = False
+    yield "a read-only NumPy array", ro, "pass writable arrays"
+    jnp = pytest.importorskip("jax.numpy")
+    yield "a JAX array", jnp.arange(1.0, 4.0), "fastema.jax.EMA"
+
+
+@pytest.mark.parametrize("make", ["FlatShadow", "WindowShadow"])
+def test_a_swap_or_copy_into_read_only_sources_is_refused_and_writes_nothing(make):
+    """The array functions refuse to write a read-only array (a JAX array, a TensorFlow tensor); the
+    flat shadows' swap() and copy_to_sources() wrote into them (the JAX array read back swapped)."""
+    for what, src, hint in _read_only_sources():
+        shadow = fastema.FlatShadow([src], init="zeros") if make == "FlatShadow" else \
+            fastema.WindowShadow([src], 2)
+        kept = np.array(src).copy()
+        held = np.array(shadow.view(0)).copy()
+        for call in (shadow.swap, shadow.copy_to_sources):
+            with pytest.raises(ValueError, match=rf"writes the sources, and source '0' is read-only: .*{hint}"):
+                call()
+            assert np.array_equal(np.array(src), kept) and np.array_equal(np.array(shadow.view(0)), held), what
