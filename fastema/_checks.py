@@ -84,11 +84,12 @@ def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
     return tuple(out)
 
 
-def resolve_weights(decays, weights, count: int, device: str):
+def resolve_weights(decays, weights, count: int, device: str, written: Buf | None = None):
     """The kernels' ``weights``: a tuple of Python floats (host values) or a device array view.
 
     Exactly one of ``decays`` (floats) and ``weights`` (floats, or a float32 array of
-    ``count`` elements on ``device``) must be given.
+    ``count`` elements on ``device``, sharing no memory with ``written``, the array the kernel
+    writes: it would read weights it has already written) must be given.
     """
     if (decays is None) == (weights is None):
         raise TypeError("give exactly one of decay= and weight= (weight = 1 - decay)")
@@ -97,7 +98,11 @@ def resolve_weights(decays, weights, count: int, device: str):
     elif isinstance(weights, (list, tuple, numbers.Real)):
         w = _host_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
     else:
-        return _backends.control_view(weights, "weight", np.float32, count, device, writable=False)
+        view = _backends.control_view(weights, "weight", np.float32, count, device, writable=False)
+        if written is not None and overlaps(describe(weights, "weight"), written):
+            raise ValueError("weight shares memory with the shadow, which the update writes while it "
+                             "reads the weight: give the weight an array of its own")
+        return view
     if len(w) != count:
         raise ValueError(f"expected {count} decay value(s) (one per shadow row), got {len(w)}")
     return w

@@ -189,7 +189,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     same_shape(s, x, (rows,) + x.shape if rows else x.shape, "shadow", "src")
     _checks.check_written([shadow], ["shadow"])
     single, rows = not rows, rows or 1
-    w = resolve_weights(decays, weights, rows, s.device)
+    w = resolve_weights(decays, weights, rows, s.device, written=s)
     stochastic = stochastic_rounding(rounding, s.kind)
     sr = sr_key(seed, step) if stochastic else 0
     flag = None if skip_if is None else _backends.control_view(skip_if, "skip_if", np.int32, 1, s.device, False)

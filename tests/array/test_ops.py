@@ -64,6 +64,20 @@ def test_weight_array_is_read_on_device():
     assert torch.equal(shadow, ref)
 
 
+@pytest.mark.parametrize("make", [np.array, torch.tensor], ids=["numpy", "torch"])
+def test_a_weight_in_the_shadows_memory_is_refused_and_nothing_written(make):
+    """A device weight that is part of the shadow was read while the kernel wrote it: elements
+    after the first averaged with the first's new value (0.75 and 0.875 where 0.75 is right)."""
+    shadow, src = make(np.full(1 << 16, 0.5, np.float32)), make(np.ones(1 << 16, np.float32))
+    with pytest.raises(ValueError, match="weight shares memory with the shadow"):
+        fastema.ema_update_(shadow, src, weight=shadow[:1])
+    with pytest.raises(ValueError, match="weight shares memory with the shadow"):
+        fastema.ema_update_multi_(shadow.reshape(2, -1), src[: 1 << 15], weights=shadow[-2:])
+    assert (np.asarray(shadow) == 0.5).all()
+    fastema.ema_update_(shadow, src, weight=make(np.full(1, 0.5, np.float32)))      # its own array: taken
+    assert (np.asarray(shadow) == 0.75).all()
+
+
 @given(k=st.integers(1, 8), n=SIZES, sd=st.sampled_from(DTYPES), xd=st.sampled_from(DTYPES))
 def test_multi_decay_equals_k_single_updates(k, n, sd, xd):
     decays = [0.5 + 0.5 * i / 8 for i in range(k)]
