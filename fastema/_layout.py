@@ -39,6 +39,8 @@ def parse_sources(sources) -> tuple[list[str], list, list]:
         names = [str(i) for i in range(len(tensors))]
     if not tensors:
         raise ValueError("sources is empty: give the arrays/tensors to average")
+    for n, t in zip(names, tensors):
+        _backends.dlpack.refuse_moving(t, f"source {n!r}")
     bufs = [describe(t, f"source {n!r}") for n, t in zip(names, tensors)]
     disjoint(bufs, [f"source {n!r}" for n in names])
     return names, tensors, bufs

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any, Iterator, Protocol, Sequence
 
 from . import _launch
-from ._backends import READ_ONLY_HINTS, Buf, describe, disjoint
+from ._backends import READ_ONLY_HINTS, Buf, describe, disjoint, dlpack
 from .kernels.kinds import KIND_NAMES
 
 _DEVICE = operator.attrgetter("device")
@@ -241,6 +241,7 @@ class SourceTable:
         """The group's sources described now; ValueError if any differs from construction."""
         bufs = []
         for slot, i in enumerate(g.members):
+            dlpack.refuse_moving(self._sources[i], f"source {self.names[i]!r}")
             b = describe(self._sources[i], f"source {self.names[i]!r}")
             if (b.device, b.kind, b.shape, b.strides) != (g.device, g.src_kind, g.shapes[slot], g.orders[slot]):
                 now = "" if b.strides == g.orders[slot] else f" with strides {b.strides or 'C order'}"

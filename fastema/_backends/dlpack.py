@@ -64,6 +64,17 @@ def _from_dlpack(x, what: str, framework: str):
     return Buf(im, kind, device, im.shape, address, writable, framework)
 
 
+def refuse_moving(x, what: str) -> None:
+    """Refuse, as a source a shadow holds (``FlatShadow``, ``WindowShadow``), a TensorFlow or Keras
+    variable: while a DLPack view of it is held, its next ``assign()`` moves it to new memory
+    (TensorFlow copies it), and the shadow would read the old values from then on, unrefused."""
+    if framework_of(x) in ("tensorflow", "keras") and hasattr(x, "assign"):
+        raise TypeError(f"{what} is a {type(x).__name__}, whose memory moves at its next assign(): a shadow "
+                        f"that holds its sources would go on reading the old values. Keep the average of "
+                        f"variables in fastema.tensorflow.EMA, or hand the shadow their values at each "
+                        f"update: update(sources=[v.read_value() for v in variables])")
+
+
 def _numbers_only(x, what: str) -> None:
     """Refuse a TensorFlow tensor that holds no numbers (strings, resources, variants) before
     DLPack is asked: TensorFlow's export of a string tensor aborts the process."""

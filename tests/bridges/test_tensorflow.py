@@ -211,6 +211,24 @@ def test_array_level_reads_tensorflow_tensors_and_refuses_to_write_them(rng):
     np.testing.assert_array_equal(var.numpy(), np.ones(4))
 
 
+def test_a_shadow_refuses_to_hold_a_variable_and_follows_its_values_handed_each_step():
+    """A FlatShadow over a tf.Variable averaged stale values: the DLPack view it held made the next
+    assign() copy the variable to new memory, and the shadow read the old one from then on (3.0
+    assigned, 1.0 averaged), check_sources() passing. Refused, with the road that works."""
+    v = tf.Variable(tf.ones(4))
+    for make in (lambda: fastema.FlatShadow([v]), lambda: fastema.WindowShadow([v], 2)):
+        with pytest.raises(TypeError, match=r"source '0' is a .*Variable, whose memory moves at its next "
+                                            r"assign\(\).*update\(sources=\[v.read_value\(\)"):
+            make()
+    flat = fastema.FlatShadow([v.read_value()])
+    with pytest.raises(TypeError, match="whose memory moves"):
+        flat.update(0.5, sources=[v])
+    for k, want in ((3.0, 2.0), (5.0, 3.5)):
+        v.assign(tf.fill([4], k))
+        flat.update(0.5, sources=[v.read_value()])
+        np.testing.assert_array_equal(np.asarray(flat.view(0)), np.full(4, want, np.float32))
+
+
 def test_a_tensorflow_tensor_of_strings_is_refused_and_the_process_lives():
     """TensorFlow's DLPack export of a string tensor aborts the process (SIGABRT, no exception):
     its dtype is read first. In a child process, so that a regression is a failure, not a lost
