@@ -118,8 +118,10 @@ def stochastic_rounding(rounding: str, shadow_kind: int) -> bool:
 
 def sr_key(seed: int, step: int) -> int:
     """uint32 stochastic-rounding key of (seed, step); the same on every device and rank."""
-    if not (isinstance(seed, numbers.Integral) and isinstance(step, numbers.Integral)) or seed < 0 or step < 0:
-        raise ValueError(f"seed and step must be integers >= 0, got seed={seed!r}, step={step!r}")
+    if not (isinstance(seed, numbers.Integral) and isinstance(step, numbers.Integral)) or seed < 0 or step < 0 \
+            or seed >= 2 ** 64 or step >= 2 ** 63:
+        raise ValueError(f"seed and step must be integers, seed in [0, 2**64) and step in [0, 2**63), got "
+                         f"seed={seed!r}, step={step!r}")
     return sr_noise((seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF), step)
 
 

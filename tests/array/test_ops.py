@@ -78,6 +78,18 @@ def test_a_weight_in_the_shadows_memory_is_refused_and_nothing_written(make):
     assert (np.asarray(shadow) == 0.75).all()
 
 
+def test_a_seed_or_step_past_its_range_is_refused_by_name_and_the_largest_taken():
+    """step=2**63 raised numpy's OverflowError ("Python int too large to convert to C long") and
+    seed=2**80 was taken, past the [0, 2**64) the faces' seed= documents."""
+    shadow, src = torch.zeros(64, dtype=torch.bfloat16), torch.ones(64)
+    for seed, step in ((2 ** 64, 0), (0, 2 ** 63)):
+        with pytest.raises(ValueError, match=r"seed in \[0, 2\*\*64\) and step in \[0, 2\*\*63\)"):
+            fastema.ema_update_(shadow, src, 0.5, rounding="stochastic", seed=seed, step=step)
+    assert not shadow.any()
+    fastema.ema_update_(shadow, src, 0.5, rounding="stochastic", seed=2 ** 64 - 1, step=2 ** 63 - 1)
+    assert ((shadow == 0.5) | (shadow == 0.5 + 2 ** -9) | (shadow == 0.5 - 2 ** -9)).all()
+
+
 @given(k=st.integers(1, 8), n=SIZES, sd=st.sampled_from(DTYPES), xd=st.sampled_from(DTYPES))
 def test_multi_decay_equals_k_single_updates(k, n, sd, xd):
     decays = [0.5 + 0.5 * i / 8 for i in range(k)]
