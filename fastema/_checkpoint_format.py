@@ -8,6 +8,7 @@ and read through it; model averages, framework EMAs, smoothers and trackers chec
 headers here."""
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -30,7 +31,8 @@ def check_header(state, fmt: str, version: int | tuple, hint: str) -> None:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"not a {fmt} state dict (format={found!r}); {hint}")
     versions = version if isinstance(version, tuple) else (version,)
-    if state.get("version") not in versions:
+    found = state.get("version")
+    if isinstance(found, bool) or not isinstance(found, numbers.Integral) or found not in versions:
         raise ValueError(f"{fmt} checkpoint version {state.get('version')!r} is not supported "
                          f"(expected {' or '.join(map(str, versions))})")
 

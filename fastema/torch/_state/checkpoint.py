@@ -344,7 +344,8 @@ class TorchCheckpoint:
                     dst = dst[..., :spec.valid]                # a ZeRO-3 partition: its padding stays
                 if value.device.type == "meta":
                     problems.append(f"{key} {n!r} is a meta tensor (no values)")
-                elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex():
+                elif value.is_floating_point() != dst.is_floating_point() or value.is_complex() != dst.is_complex() \
+                        or (value.dtype == torch.bool) != (dst.dtype == torch.bool):     # a count is no flag
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
                 elif finite and (wrong := load_dtype_problem(     # rounded into it
                         f"{key} {n!r}", written(value, dst), dst.dtype, state,
