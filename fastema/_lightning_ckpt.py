@@ -192,7 +192,8 @@ def peer_state(peer: PeerAverage, template: dict) -> dict:
         raise _refuse(f"{peer.callback}'s checkpoint does not match this model: "
                       f"{'; '.join(problems[:5])}", "it is the checkpoint of another model", RAW)
     n = peer.updates
-    state.update(calls=peer.calls, updates=n, norms=[1.0 if n else 0.0] * len(kinds),
+    # updates at epoch ends too (update_starting_at_epoch) outnumber the steps: each counts as a call
+    state.update(calls=max(peer.calls, n), updates=n, norms=[1.0 if n else 0.0] * len(kinds),
                  # Lightning keeps no time of the first update; only BEMA reads it (refused above)
                  first_time=None if n == 0 else 1.0,
                  # updates made at epoch ends only leave latest_update_step at 0:

@@ -68,11 +68,16 @@ def refuse_moving(x, what: str) -> None:
     """Refuse, as a source a shadow holds (``FlatShadow``, ``WindowShadow``), a TensorFlow or Keras
     variable: while a DLPack view of it is held, its next ``assign()`` moves it to new memory
     (TensorFlow copies it), and the shadow would read the old values from then on, unrefused."""
-    if framework_of(x) in ("tensorflow", "keras") and hasattr(x, "assign"):
-        raise TypeError(f"{what} is a {type(x).__name__}, whose memory moves at its next assign(): a shadow "
-                        f"that holds its sources would go on reading the old values. Keep the average of "
-                        f"variables in fastema.tensorflow.EMA, or hand the shadow their values at each "
-                        f"update: update(sources=[v.read_value() for v in variables])")
+    framework = framework_of(x)
+    if framework not in ("tensorflow", "keras") or not hasattr(x, "assign"):
+        return
+    if framework == "keras" and type(getattr(x, "value", None)).__module__.partition(".")[0] == "torch":
+        return                             # Keras's torch backend assigns in place (copy_)
+    raise TypeError(f"{what} is a {type(x).__name__}, whose memory moves at its next assign(): a shadow that "
+                    f"holds its sources would go on reading the old values. Keep the average of variables "
+                    f"in fastema.tensorflow.EMA or fastema.keras.WeightEMA, or hand the shadow their values "
+                    f"at each update: FlatShadow.update(sources=[...]) (WindowShadow: rebind(), then "
+                    f"push()) of v.read_value() (TensorFlow) or v.value (Keras)")
 
 
 def _numbers_only(x, what: str) -> None:

@@ -262,7 +262,7 @@ def _decode(store, source: str = "the file", allow: bool = False) -> list[dict]:
         raise bad(f"the header is not JSON: {e}") from None
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise bad("the header names no fastema.keras.WeightEMA format")
-    if header.get("version") != _VERSION:
+    if type(header.get("version")) is not int or header.get("version") != _VERSION:      # True == 1
         raise ValueError(f"the file's WeightEMA average has version {header.get('version')!r}; "
                          f"this fastema reads version {_VERSION}: upgrade fastema")
     entries = header.get("entries")

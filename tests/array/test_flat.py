@@ -397,7 +397,8 @@ def _read_only_sources():
 @pytest.mark.parametrize("make", ["FlatShadow", "WindowShadow"])
 def test_a_swap_or_copy_into_read_only_sources_is_refused_and_writes_nothing(make):
     """The array functions refuse to write a read-only array (a JAX array, a TensorFlow tensor); the
-    flat shadows' swap() and copy_to_sources() wrote into them (the JAX array read back swapped)."""
+    flat shadows' swap() and copy_to_sources() wrote into them (the JAX array read back swapped).
+    NumPy and JAX here; a TensorFlow tensor is refused through the same flag (its framework's)."""
     for what, src, hint in _read_only_sources():
         shadow = fastema.FlatShadow([src], init="zeros") if make == "FlatShadow" else \
             fastema.WindowShadow([src], 2)

@@ -1133,3 +1133,19 @@ def test_averaged_weights_after_a_layer_was_frozen_are_each_variables_own():
     res = run_on("tensorflow", "FROZEN_SINCE")
     assert [n.split("/")[-2] for n in res["names"]] == ["d2", "d2", "d3", "d3"]
     assert res["equal"] == [True] * 4
+
+
+def test_a_flat_shadow_holds_a_keras_variable_on_the_torch_backend():
+    """Keras's torch backend assigns a variable in place (``copy_``): its memory stays, so a shadow
+    may hold it (the refusal of a variable whose memory moves at its next ``assign()``, TensorFlow's
+    and JAX's, spares it)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("the in-process Keras tests run on the torch backend")
+    import fastema
+
+    v = keras.Variable(np.ones(4, np.float32))
+    flat = fastema.FlatShadow([v])
+    for k, want in ((3.0, 2.0), (5.0, 3.5)):
+        v.assign(np.full(4, k, np.float32))
+        flat.update(0.5)
+        np.testing.assert_array_equal(np.asarray(flat.view(0)), np.full(4, want, np.float32))

@@ -185,6 +185,19 @@ def test_switching_carries_the_counters_into_fastemas_own_schedule(tmp_path, cas
     assert ours.ema.calls == 20
 
 
+def test_a_checkpoint_with_more_updates_than_steps_is_taken(tmp_path):
+    """EMAWeightAveraging updating from epoch 0 updates at every step and at every epoch end: its
+    n_averaged (11 over 10 steps) outnumbers the global step. Taken, each update counted as a call
+    (fastema refuses a state of more updates than calls: not one made from Lightning's)."""
+    ckpt, _ = first_run(tmp_path, EMAWeightAveraging(decay=0.9, update_starting_at_epoch=0))
+    saved = torch.load(ckpt, weights_only=False)
+    made, steps = int(saved["averaging_state"]["n_averaged"]), saved["global_step"]
+    assert made > steps
+    ours = WeightEMA(decay=0.9)
+    fit(tmp_path / "moved", [ours], 2, ckpt)
+    assert ours.ema.updates == made + 10 and ours.ema.calls >= ours.ema.updates
+
+
 def test_a_checkpoint_saved_before_lightnings_first_update_starts_the_average_at_the_raw_weights(tmp_path):
     """H3 (issue 85): EMAWeightAveraging(update_starting_at_step=10) saved at step 10 holds n_averaged 0
     and, as its 'state_dict', AveragedModel's untouched copy of the weights at step 0. Lightning's own

@@ -218,7 +218,7 @@ def test_a_shadow_refuses_to_hold_a_variable_and_follows_its_values_handed_each_
     v = tf.Variable(tf.ones(4))
     for make in (lambda: fastema.FlatShadow([v]), lambda: fastema.WindowShadow([v], 2)):
         with pytest.raises(TypeError, match=r"source '0' is a .*Variable, whose memory moves at its next "
-                                            r"assign\(\).*update\(sources=\[v.read_value\(\)"):
+                                            r"assign\(\).*update\(sources=\[\.\.\.\]\).*v.read_value\(\)"):
             make()
     flat = fastema.FlatShadow([v.read_value()])
     with pytest.raises(TypeError, match="whose memory moves"):

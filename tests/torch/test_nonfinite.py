@@ -196,14 +196,31 @@ def test_a_load_refuses_a_copied_buffer_holding_nan_by_name_and_writes_nothing(s
     state["copied"] = {k: v.clone() for k, v in state["copied"].items()}
     state["copied"]["1.running_var"].fill_(NAN)
     before = {k: v.clone() for k, v in ema.state_dict()["copied"].items()}
-    with pytest.raises(ValueError, match=r"copied '1.running_var' holds inf or NaN \(an update copies the "
-                                         r"model's over it\)\. To load it all the same.*Nothing was loaded"):
+    with pytest.raises(ValueError, match=r"copied '1.running_var' holds inf or NaN where the model's is finite\. "
+                                         r"To load it all the same, pass allow_nonfinite=True .*the next update\(\) "
+                                         r"copies the model's buffer over it\. Nothing was loaded"):
         ema.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in ema.state_dict()["copied"].items())
     ema.load_state_dict(state, allow_nonfinite=True)
     assert ema.state_dict()["copied"]["1.running_var"].isnan().all()
     ema.update()
     assert torch.equal(ema.state_dict()["copied"]["1.running_var"], m[1].running_var)
+
+
+def test_a_copied_buffer_that_holds_inf_by_design_saves_and_loads():
+    """A buffer that holds -inf where the model's does (a causal mask) is the model's, not poison:
+    the checkpoint fastema wrote of it loads."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3))
+    m.register_buffer("mask", torch.triu(torch.full((3, 3), float("-inf")), diagonal=1))
+    ema = EMA(m, 0.9)
+    ema.update()
+    state = ema.state_dict()
+    assert state["copied"]["mask"].isinf().any()
+    EMA(m, 0.9).load_state_dict(state)
+    state["copied"] = {"mask": torch.zeros(3, 3).fill_(NAN)}
+    with pytest.raises(ValueError, match=r"copied 'mask' holds inf or NaN where the model's is finite"):
+        EMA(m, 0.9).load_state_dict(state)
 
 
 def test_update_makes_no_scan_and_no_host_read_with_a_poisoned_average():

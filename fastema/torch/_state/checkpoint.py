@@ -305,6 +305,10 @@ class TorchCheckpoint:
             assert copied is not None                # asked of its names only
             return copied.view(n)
 
+        def copied_source(n: str) -> torch.Tensor:
+            assert copied is not None
+            return copied.sources[copied.names.index(n)]
+
         groups = (("averaged", avg.names, avg.state_view, True, True),
                   ("copied", copied.names if copied is not None else [], copied_view, False, False),
                   ("int_buffers", list(ints), lambda n: ints[n][1], False, False))
@@ -356,7 +360,7 @@ class TorchCheckpoint:
                         poisoned.append(n)
                         if bool(torch.isfinite(value).all()):  # finite in its own dtype
                             beyond[n] = str(dst.dtype).replace("torch.", "")
-                    elif key == "copied" and dst.is_floating_point() and not lands_finite(value, dst.dtype):
+                    elif key == "copied" and dst.is_floating_point() and _poisons(value, copied_source(n)):
                         copied_bad.append(n)            # the swap would hand it to the model
                     loads.append((dst, value))
         calls = state.get("calls")
@@ -368,14 +372,18 @@ class TorchCheckpoint:
         self.core.check_plan_state(state, problems)
         if (poisoned or copied_bad) and self.nonfinite.checking:
             what = "; ".join(([held(poisoned, beyond)] if poisoned else [])
-                             + ([held(copied_bad, {}, "copied") + " (an update copies the model's over it)"]
+                             + ([held(copied_bad, {}, "copied") + " where the model's is finite"]
                                 if copied_bad else []))
+            setting = ("or set ema.allow_nonfinite = True before a load another library makes: dcp.load, "
+                       "optimizer.load_state_dict, a callback's resume")
             if problems:                             # refused for more than that
                 problems.append(what)
+            elif poisoned:
+                raise load_refused(f"this {kind} checkpoint's {what}. " + load_advice(setting))
             else:
-                raise load_refused(f"this {kind} checkpoint's {what}. " + load_advice(
-                    "or set ema.allow_nonfinite = True before a load another library makes: "
-                    "dcp.load, optimizer.load_state_dict, a callback's resume"))
+                raise load_refused(f"this {kind} checkpoint's {what}. To load it all the same, pass "
+                                   f"allow_nonfinite=True ({setting}): the next update() copies the "
+                                   f"model's buffer over it.")
         refuse_load(kind, problems, " this model")
         return loads, poisoned
 
@@ -407,3 +415,11 @@ class TorchCheckpoint:
                         for name, t, _, value in self.entries(row)})
         self.nonfinite.refuse("save()", row)
         write()
+
+
+def _poisons(value: torch.Tensor, live: torch.Tensor) -> bool:
+    """Whether a checkpoint's copied buffer holds inf or NaN where the model's own buffer is finite
+    (a buffer that holds them by design, a ``-inf`` mask or an observer's unset bounds, loads)."""
+    if bool(torch.isfinite(value).all()):
+        return False
+    return bool((~torch.isfinite(value) & torch.isfinite(live).to(value.device)).any())

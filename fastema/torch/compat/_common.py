@@ -74,18 +74,18 @@ def check_module_load(module: torch.nn.Module, state_dict, strict: bool, assign:
     """What ``module.load_state_dict(state_dict, strict, assign)`` would refuse only after copying
     the rest (torch copies key by key and raises at the end), refused here before anything is
     written, in torch's words: a value that is not a tensor, a meta tensor copied from (no
-    values), a shape torch does not take, and under ``strict`` a missing or unexpected key
-    (``num_batches_tracked``, which torch's batch norms fill from an older checkpoint, may be
-    missing)."""
+    values), a shape torch does not take, and under ``strict`` a missing or unexpected key (a batch
+    norm's ``num_batches_tracked`` may be missing where torch fills it). An extra state
+    (``get_extra_state``) is left to ``set_extra_state``, as torch leaves it."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
     mine = module.state_dict(keep_vars=True)
     errors = []
     for key, t in mine.items():
-        if key not in state_dict:
-            continue
+        if key not in state_dict or key.rpartition(".")[2] == "_extra_state":
+            continue                     # torch hands an extra state to set_extra_state as it is
         value = state_dict[key]
-        if not isinstance(value, torch.Tensor):
+        if not torch.overrides.is_tensor_like(value):
             errors.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
                           f"object from checkpoint but received {type(value)}")
         elif value.is_meta and not assign and not t.is_meta:
@@ -97,7 +97,7 @@ def check_module_load(module: torch.nn.Module, state_dict, strict: bool, assign:
                           f"the shape in current model is {t.shape}.")
     if strict:
         unexpected = [k for k in state_dict if k not in mine]
-        missing = [k for k in mine if k not in state_dict and not k.endswith("num_batches_tracked")]
+        missing = [k for k in mine if k not in state_dict and not _filled(state_dict, k)]
         if unexpected:
             errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
         if missing:
@@ -105,6 +105,31 @@ def check_module_load(module: torch.nn.Module, state_dict, strict: bool, assign:
     if errors:
         raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}:\n\t" + "\n\t".join(errors)
                            + "\nNothing was loaded (every key is checked before one is written).")
+
+
+def check_loaded(name: str, t: torch.Tensor, mine: torch.Tensor) -> None:
+    """A checkpoint's tensor for one of a drop-in's shadows (torch_ema's, diffusers'), checked
+    before anything is loaded: its shape, a real floating dtype where the shadow's is one (a complex
+    one lost its imaginary part in the copy, an integer one is no average), and values (a meta
+    tensor has none: the copy failed halfway through the list)."""
+    if t.shape != mine.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(mine.shape)}")
+    if mine.is_floating_point() and not t.is_floating_point():
+        raise ValueError(f"{name} has dtype {t.dtype}, expected a floating dtype (the averaged parameters' "
+                         f"{mine.dtype}): a damaged checkpoint or another's; nothing was loaded")
+    if t.is_meta and not mine.is_meta:
+        raise ValueError(f"{name} is a meta tensor, which holds no values: load a checkpoint that holds them; "
+                         f"nothing was loaded")
+
+
+def _filled(state_dict, key: str) -> bool:
+    """Whether torch fills ``key`` when a checkpoint lacks it: a batch norm's ``num_batches_tracked``
+    from a checkpoint saved before it was added (its module's metadata version absent or below 2)."""
+    prefix, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    version = (getattr(state_dict, "_metadata", None) or {}).get(prefix, {}).get("version")
+    return version is None or version < 2
 
 
 class AllOrNothingLoad(torch.nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ... import schedules as S
-from ._common import lerp_pairs
+from ._common import check_loaded, lerp_pairs
 
 __all__ = ["EMAModel"]
 
@@ -178,6 +178,8 @@ class EMAModel:
                     any(a.shape != b.shape for a, b in zip(shadow, self.shadow_params)):
                 raise ValueError(f"shadow_params do not match the {len(self.shadow_params)} tracked parameters' "
                                  f"shapes: a checkpoint of another model")
+            for i, (a, b) in enumerate(zip(shadow, self.shadow_params)):
+                check_loaded(f"shadow_params[{i}]", a, b)
         for k, v in new.items():
             setattr(self, k, v)
         if shadow is not None:

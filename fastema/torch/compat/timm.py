@@ -63,8 +63,9 @@ class ModelEmaV3(AllOrNothingLoad):
         super().__init__()
         S.check_power_args(decay, min_decay, warmup_gamma, warmup_power, update_after_step)
         if isinstance(stochastic_rounding_seed, bool) or not isinstance(stochastic_rounding_seed, int) or \
-                stochastic_rounding_seed < 0:
-            raise ValueError(f"stochastic_rounding_seed must be an int >= 0, got {stochastic_rounding_seed!r}")
+                not 0 <= stochastic_rounding_seed < 2 ** 64:
+            raise ValueError(f"stochastic_rounding_seed must be an int in [0, 2**64), got "
+                             f"{stochastic_rounding_seed!r}")
         model_device = next(iter(model.parameters())).device
         if device is not None and torch.device(device) != model_device:
             raise ValueError(f"device={device!r} differs from the model's {model_device}: fastema updates the "

@@ -18,6 +18,7 @@ import torch
 from ... import schedules as S
 from ...flat import FlatShadow
 from ...ops import ema_update_many_
+from ._common import check_loaded
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -234,30 +235,17 @@ class ExponentialMovingAverage:
             raise ValueError(f"shadow_params has {len(shadow)} tensors, this EMA tracks {len(self._refs)}")
         mine = self.shadow_params
         for i, (s, m) in enumerate(zip(shadow, mine)):
-            _check_loaded(f"shadow_params[{i}]", s, m)
+            check_loaded(f"shadow_params[{i}]", s, m)
         collected = state_dict["collected_params"]
         if collected is not None:
             if not isinstance(collected, list) or len(collected) != len(mine) or \
                     not all(isinstance(c, torch.Tensor) for c in collected):
                 raise ValueError("collected_params must be None or a list of one tensor per parameter")
             for i, (c, m) in enumerate(zip(collected, mine)):
-                _check_loaded(f"collected_params[{i}]", c, m)
+                check_loaded(f"collected_params[{i}]", c, m)
         with torch.no_grad():
             for s, m in zip(shadow, mine):
                 m.copy_(s)
             self._stored = None if collected is None else [c.detach().clone() for c in collected]
         self.decay, self.num_updates = decay, num_updates
 
-
-def _check_loaded(name: str, t: torch.Tensor, mine: torch.Tensor) -> None:
-    """A checkpoint's tensor for one of the averaged parameters: its shape, a real floating dtype
-    (a complex one lost its imaginary part in the copy, an integer one is no average), and values
-    (a meta tensor has none: the copy failed halfway through the list)."""
-    if t.shape != mine.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(mine.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} has dtype {t.dtype}, expected a floating dtype (the averaged parameters' "
-                         f"{mine.dtype}): a damaged checkpoint or another's; nothing was loaded")
-    if t.is_meta and not mine.is_meta:
-        raise ValueError(f"{name} is a meta tensor, which holds no values: load a checkpoint that holds them; "
-                         f"nothing was loaded")

@@ -101,3 +101,35 @@ def test_a_good_load_and_a_loose_one_load_as_torch_loads_them(name, tmp_path):
         warnings.simplefilter("ignore")
         result = ema.load_state_dict(loose, strict=False)
     assert set(result.missing_keys) == set(other.state_dict()) - set(loose) and not result.unexpected_keys
+
+
+class _Stateful(nn.Linear):
+    """A module with an extra state (``get_extra_state``), as Transformer Engine's layers keep."""
+
+    def __init__(self):
+        super().__init__(4, 3)
+        self.note = {"scale": 1.0}
+
+    def get_extra_state(self):
+        return dict(self.note)
+
+    def set_extra_state(self, state):
+        self.note = dict(state)
+
+
+def test_an_extra_state_is_handed_to_set_extra_state_as_torch_hands_it():
+    """The all-or-nothing check leaves a module's extra state to its set_extra_state, as torch does:
+    it is no tensor of a shape (a dict here)."""
+    torch.manual_seed(0)
+    ema = compat.ModelEmaV3(nn.Sequential(_Stateful()), decay=0.9)
+    state = ema.state_dict()
+    assert state["module.0._extra_state"] == {"scale": 1.0}
+    ema.load_state_dict({**state, "module.0._extra_state": {"scale": 2.0}})
+    assert ema.module[0].note == {"scale": 2.0}
+
+
+def test_timms_seed_past_its_range_is_refused_at_construction_by_its_name():
+    """Taken at construction, a seed of 2**64 or more failed at the first update, naming seed."""
+    with pytest.raises(ValueError, match=r"stochastic_rounding_seed must be an int in \[0, 2\*\*64\)"):
+        compat.ModelEmaV3(_net(), stochastic_rounding_seed=2 ** 64)
+    compat.ModelEmaV3(_net(), stochastic_rounding_seed=2 ** 64 - 1).update(_net())

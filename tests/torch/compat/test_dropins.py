@@ -231,7 +231,12 @@ def test_diffusers_EMAModel_refuses_bad_state_and_devices_and_changes_nothing():
     for bad, match in ((dict(state, decay=1.5), "Decay must be between"),
                        (dict(state, optimization_step=1.0), "Invalid optimization_step"),
                        (dict(state, shadow_params=[torch.zeros(2)]), "do not match"),
-                       (dict(state, shadow_params=(1, 2)), "must be a list")):
+                       (dict(state, shadow_params=(1, 2)), "must be a list"),
+                       # taken before, as diffusers takes them; their first step failed or was no average
+                       (dict(state, shadow_params=[(s + 1j).to(torch.complex64) for s in before]), "dtype"),
+                       (dict(state, shadow_params=[s.to(torch.int64) for s in before]), "dtype"),
+                       (dict(state, shadow_params=[torch.empty_like(s, device="meta") for s in before]),
+                        "meta tensor")):
         with pytest.raises(ValueError, match=match):
             ours.load_state_dict(bad)
     assert ours.decay == 0.9 and all(torch.equal(a, b) for a, b in zip(ours.shadow_params, before))
