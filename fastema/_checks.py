@@ -3,7 +3,7 @@ one wording per rule, and the limits (:data:`MAX_DECAYS`) spelled once."""
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -84,12 +84,13 @@ def _host_weights(values: Sequence, what: str, is_decay: bool) -> tuple:
     return tuple(out)
 
 
-def resolve_weights(decays, weights, count: int, device: str, written: Buf | None = None):
+def resolve_weights(decays, weights, count: int, device: str, written: Callable[[Buf], bool] | None = None):
     """The kernels' ``weights``: a tuple of Python floats (host values) or a device array view.
 
     Exactly one of ``decays`` (floats) and ``weights`` (floats, or a float32 array of
-    ``count`` elements on ``device``, sharing no memory with ``written``, the array the kernel
-    writes: it would read weights it has already written) must be given.
+    ``count`` elements on ``device``) must be given. ``written(buf)``: whether the update writes
+    any byte of ``buf`` (a device weight there is refused: the kernel would read weights it has
+    already written).
     """
     if (decays is None) == (weights is None):
         raise TypeError("give exactly one of decay= and weight= (weight = 1 - decay)")
@@ -99,7 +100,7 @@ def resolve_weights(decays, weights, count: int, device: str, written: Buf | Non
         w = _host_weights(weights if isinstance(weights, (list, tuple)) else [weights], "weight", False)
     else:
         view = _backends.control_view(weights, "weight", np.float32, count, device, writable=False)
-        if written is not None and overlaps(describe(weights, "weight"), written):
+        if written is not None and written(describe(weights, "weight")):
             raise ValueError("weight shares memory with the shadow, which the update writes while it "
                              "reads the weight: give the weight an array of its own")
         return view

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _launch
-from ._backends import zero_
+from ._backends import describe, overlaps, zero_
 from ._checks import MAX_DECAYS, resolve_weights, sr_key, stochastic_rounding
 from ._layout import DTYPES, FlatLayout, ShadowBase, SwapState, parse_sources, valid_counts
 from ._sources import SourceTable
@@ -150,7 +150,7 @@ class FlatShadow(ShadowBase, StepLaunches):
         weights_by_device = {}
         for g in self.layout.groups:                    # every check before any write
             if g.device not in weights_by_device:
-                weights_by_device[g.device] = resolve_weights(decays, weight, self.rows, g.device)
+                weights_by_device[g.device] = resolve_weights(decays, weight, self.rows, g.device, self._holds)
             stochastic_rounding(rounding, g.shadow_kind)
         if rounding == "stochastic":
             sr_key(seed, step)                          # validates seed and step
@@ -160,6 +160,10 @@ class FlatShadow(ShadowBase, StepLaunches):
         if skip_nonfinite and skip_if is None:
             skip_if = self.scan_nonfinite()
         self.update_checked(weights_by_device, rounding, seed, step, skip_if)
+
+    def _holds(self, buf) -> bool:
+        """Whether ``buf`` shares a byte with a shadow buffer (a weight there: read while written)."""
+        return any(overlaps(buf, describe(g.buffer, "shadow")) for g in self.layout.groups)
 
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
         """BEMA's output in place: ``shadow[0] <- shadow[1] + alpha * (shadow[0] - shadow[2])``.

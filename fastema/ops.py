@@ -189,7 +189,7 @@ def _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if):
     same_shape(s, x, (rows,) + x.shape if rows else x.shape, "shadow", "src")
     _checks.check_written([shadow], ["shadow"])
     single, rows = not rows, rows or 1
-    w = resolve_weights(decays, weights, rows, s.device, written=s)
+    w = resolve_weights(decays, weights, rows, s.device, written=functools.partial(_backends.overlaps, s))
     stochastic = stochastic_rounding(rounding, s.kind)
     sr = sr_key(seed, step) if stochastic else 0
     flag = None if skip_if is None else _backends.control_view(skip_if, "skip_if", np.int32, 1, s.device, False)
@@ -291,6 +291,9 @@ def ema_update_multi_(shadow, src, decays: Sequence[float] | None = None, *, wei
         raise TypeError(f"decays must be a list or tuple of floats, got {type(decays).__name__}")
     rows = len(decays) if decays is not None else (
         len(weights) if isinstance(weights, (list, tuple)) else _leading(shadow))
+    if rows == 0:                       # (0 reads as ema_update_'s one average below)
+        raise ValueError(f"ema_update_multi_ needs 1 to {MAX_DECAYS} averages (a decay or weight each, the "
+                         f"shadow's leading dimension), got none: for one average use ema_update_")
     return _update(shadow, src, decays, weights, rows, rounding, seed, step, skip_if)
 
 

@@ -12,12 +12,23 @@ tables), never a tensor: the caller keeps its tensors alive and tells when they 
 """
 from __future__ import annotations
 
+import bisect
+import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
 from . import _backends, _launch
 from ._backends import describe, disjoint, first_shared
 from ._backends.kept import KeptLRU, cheap_key
-from ._checks import check_written, moded, pair, resolve_weights, same_shape, sr_key, stochastic_rounding
+from ._checks import (
+    check_rounding,
+    check_written,
+    moded,
+    pair,
+    resolve_weights,
+    same_shape,
+    sr_key,
+    stochastic_rounding,
+)
 from ._shadow import Capabilities, table_parts
 from ._steps import LERP, StepLaunches
 from .kernels.kinds import BF16
@@ -38,6 +49,8 @@ class PairGroup(_launch.Launches):
         self.tables = _launch.tables([x.address for x in sources], [x.numel for x in sources],
                                      [s.address for s in shadows], device, self.current_stream, follow=False)
         self.size = len(shadows)
+        # the shadows' bytes, by address: disjoint (pair_groups), so their ends rise too (writes())
+        self.spans = sorted((s.address, s.address + s.nbytes) for s in shadows if s.numel and s.address)
         self.buffer = None               # the averages are the caller's tensors
         self.scan = self                 # what the non-finite scan walks: the sources themselves
         self._kept: dict = {}            # the launches (Launches)
@@ -92,6 +105,19 @@ class _Groups:
 
     def __init__(self, groups: list[PairGroup]):
         self.groups = groups
+
+    def writes(self, buf) -> bool:
+        """Whether ``buf`` shares a byte with a shadow: the last shadow that starts before ``buf``
+        ends is the only one that can (one bisection a group on its device)."""
+        if not buf.numel or not buf.address:
+            return False
+        lo, hi = buf.address, buf.address + buf.nbytes
+        for g in self.groups:
+            if g.device == buf.device:
+                i = bisect.bisect_left(g.spans, (hi,)) - 1
+                if i >= 0 and g.spans[i][1] > lo:
+                    return True
+        return False
 
     def swap_exact(self) -> bool:
         return False                     # no swap: the averages are the caller's tensors
@@ -170,9 +196,11 @@ class PairShadow(Capabilities, StepLaunches):
         weights = {}
         for g in groups:                                  # every check before any launch
             if g.device not in weights:
-                weights[g.device] = resolve_weights(decays, weight, 1, g.device)
+                weights[g.device] = resolve_weights(decays, weight, 1, g.device, self.layout.writes)
             if not bf16_stochastic:
                 stochastic_rounding(rounding, g.shadow_kind)
+        if not groups:                                    # no pairs: the arguments checked all the same
+            _check_alone(decays, weight, rounding if not bf16_stochastic else "nearest", seed, step)
         key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0
         for g in groups:                                  # each group's launch, kept by the group
             stochastic = rounding == "stochastic" or (bf16_stochastic and g.shadow_kind == BF16)
@@ -183,6 +211,16 @@ class PairShadow(Capabilities, StepLaunches):
         (added to ``flags`` when given), kept in ``self.skipped``. The caller has followed its
         tensors (the addresses are current)."""
         return self.scan_groups(flags)
+
+
+def _check_alone(decays, weight, rounding, seed, step) -> None:
+    """The checks of an update with no pairs (``ema_update_many_([], [])``, as a call with pairs
+    would refuse; a device weight's device and size are the pairs' to check)."""
+    if decays is not None or weight is None or isinstance(weight, (list, tuple, numbers.Real)):
+        resolve_weights(decays, weight, 1, "cpu")
+    if rounding != "nearest":
+        check_rounding(rounding, "bfloat16")
+        sr_key(seed, step)
 
 
 # Pairs of recent ema_update_many_ calls (the one KeptLRU of _backends.kept): found by every tensor's
