@@ -341,6 +341,10 @@ class Smoother:
         shape = self.shape if self._where is not None else \
             (tuple(state["shape"]) if state["shape"] is not None else ())
         host = _on_host(saved)
+        wrong = [n for n in _INT32 if n in host and not _counts(host[n], min(count, self.window or 0))]
+        if wrong:                                # int32 in the kernels: 2**40 would wrap to 0
+            raise load_refused(f"Smoother checkpoint arrays {wrong} hold counts outside [0, min(count, window)] "
+                               f"= [0, {min(count, self.window or 0)}]: not a state this smoother writes.")
         if state["version"] < VERSION:
             host = _from_version_2(host, state["version"], self.mode)
         k = int(np.prod(shape)) if shape else 1
@@ -399,6 +403,12 @@ def _from_version_2(host: dict, version: int, mode: str) -> dict:
             out[pair] = np.zeros(0)              # refused by the sizes' check
     out.update({n: host[n].astype(np.int32) for n in _INT32 if n in host})
     return out
+
+
+def _counts(a: np.ndarray, most: int) -> bool:
+    """Whether every value of ``a`` is a whole number in ``[0, most]`` (the window's counts)."""
+    v = a.astype(np.float64)
+    return bool(np.all(np.isfinite(v) & (v >= 0) & (v <= most) & (v == np.floor(v))))
 
 
 def _float64(x):

@@ -175,3 +175,34 @@ def test_a_first_weighted_update_that_fails_leaves_the_unweighted_layout(weight)
     ref.update(np.array([7.0, 8.0]), sample_weight=weight)
     assert s._weighted and np.array_equal(s.sma, ref.sma) and np.array_equal(s.ema, ref.ema)
     assert float(s._state["wsc"][0]) == 4 * SCALE          # stream 0 in the window: weights 1, 1 and 2
+
+
+@pytest.mark.parametrize("bad", [2 ** 40, 2 ** 32 + 2, -1, 4, 1.5, np.nan])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_window_count_outside_its_range_is_refused_not_wrapped(bad, weighted):
+    """The window's counts are int32 in the kernels: an int64 ``n`` of 2**40 passed NumPy's
+    same-kind cast and loaded as 0 (2**32 + 2 as 2), a state this smoother never writes. Counts
+    outside [0, min(count, window)] are refused, and nothing changes."""
+    s = _fed()
+    if weighted:                                 # the weighted layout, with its bad-entry counts
+        s.update(np.array([1.0, 2.0, 3.0]), sample_weight=np.array([1.0, 2.0, 0.5]))
+    state = s.state_dict()
+    before = _bits(s)
+    for name in ("n", "bad") if weighted else ("n",):
+        a = np.asarray(state["state"][name]).astype(np.float64 if isinstance(bad, float) else np.int64)
+        a[1] = bad
+        with pytest.raises(ValueError, match=rf"\['{name}'\] hold counts outside \[0, min\(count, window\)\]"):
+            s.load_state_dict({**state, "state": {**state["state"], name: a}})
+        assert _bits(s) == before
+    s.load_state_dict(state)
+    assert _bits(s) == before
+
+
+def test_a_version_2_checkpoint_with_a_wrapping_count_is_refused():
+    numpy_ckpt, _ = _v2_as_torch()
+    state = {**numpy_ckpt, "state": dict(numpy_ckpt["state"])}
+    n = np.asarray(state["state"]["n"]).astype(np.int64)
+    n[0] = 2 ** 40
+    state["state"]["n"] = n
+    with pytest.raises(ValueError, match="hold counts outside"):
+        Smoother(span=4, window=5).load_state_dict(state)
