@@ -160,17 +160,33 @@ PARAMS = {"min_decay": P_MIN_DECAY, "inv_gamma": P_INV_GAMMA, "power": P_POWER, 
 """Where ``parameters`` puts a warm-up's numbers in the ``params`` array."""
 
 
-def formula(plan: Plan) -> str | None:
-    """The name (:data:`IN_GRAPH`) of ``plan``'s schedule where a compiled graph can advance it
-    as the plan kernel does (every call due: ``update_every=1``; one schedule kind), else None.
-    Plain Python: Dynamo traces it (its reads of the plan are the compiled graph's guards)."""
-    if plan.cadence.every != 1:                   # update_every (not the property: 5 guards fewer)
-        return None
+def formula(plan: Plan) -> tuple | None:
+    """How a compiled graph advances ``plan`` as the plan kernel does, where it can (every call due:
+    ``update_every=1``; one schedule kind of :data:`IN_GRAPH`), else None: ``(kind, rows, debias)``,
+    ``kind`` the :data:`IN_GRAPH` name, ``rows`` each row's schedule as Python numbers: a constant's
+    decay, else a tuple (its decay, gamma or half-life, the plan kernel's ``decays[i]``, then a
+    warm-up's shared parameters).
+    Made once a load (:attr:`DevicePlan.recipe`): the traced update reads this one tuple, whose
+    values are the compiled code's guards (each schedule's attributes read while tracing were as
+    many more)."""
     first = type(plan.schedules[0])
-    for cls, name in _IN_GRAPH_TYPES:             # not a dict keyed by type: Dynamo checks such a
-        if first is cls:                          # dict's keys in Python at every call
-            return None if any(type(s) is not first for s in plan.schedules) else name
-    return None
+    name = next((n for cls, n in _IN_GRAPH_TYPES if cls is first), None)
+    if plan.cadence.every != 1 or name is None or any(type(s) is not first for s in plan.schedules):
+        return None
+    return name, tuple(_graph_row(name, s) for s in plan.schedules), bool(plan.debias)
+
+
+def _graph_row(kind: str, s) -> tuple | float:
+    if kind == "power_function":
+        return (float(s.gamma),)
+    if kind == "half_life":
+        return (float(s.half_life),)
+    if kind == "power_warmup":
+        return (float(s.decay), float(s.min_decay), float(s.inv_gamma), float(s.power),
+                float(s.update_after_step), bool(s.warmup))
+    if kind == "constant":
+        return float(s.decay)                     # (a number, not a tuple of one: fewer guards)
+    return (float(s.decay),)
 
 
 _IN_GRAPH_TYPES = tuple((cls, IN_GRAPH[kind]) for cls, kind in _SCHEDULE_KINDS.items() if kind in IN_GRAPH)
@@ -230,6 +246,9 @@ class DevicePlan:
         (not to be changed)."""
         self.flag_views = {device: d.views["flag"] for device, d in self.devices.items()}
         """``device -> the kernels' view of its flag`` (the same dict every call, as :attr:`flags`)."""
+        self.recipe: tuple | None = None
+        """:func:`formula` of the plan as last loaded (:meth:`load`: at construction and at every
+        checkpoint load, the only times a plan's schedules change)."""
         self.in_graph = False
         """True once a compiled graph advances the plan on the device itself (see
         :func:`formula`; set while tracing): the host plan's counters are then read from the
@@ -240,6 +259,7 @@ class DevicePlan:
         """Write the host plan's parameters and state to every device (at construction and on
         a checkpoint load: a host copy, not a per-step path)."""
         params, decays = parameters(plan, seed)
+        self.recipe = formula(plan)
         params = np.concatenate([params, np.zeros(_capacity(plan.rows) - params.size)])  # one size for every load
         self._params = params
         state = np.array([plan.calls, plan.updates, plan.last_time, *plan.norms], np.float64)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 from .. import _backends
 from .._interrupts import ctrl_c_held
 from .._shadow import AveragingShadow
 from ..average import Average, EMAOptions, Face, document
-from ._face import compiled as _compile
 from ._face.average import TorchAverage
+from ._face.compiled import compiled_update
 from ._face.contract import ModelParts, model_parts, with_lowered
 from ._placement.pick import PLACEMENT_DOCS, Offload, Placement, make_shadow
 from ._state.checkpoint import FORMAT, CheckpointCore
@@ -92,8 +92,8 @@ class EMA(Face, TorchAverage):
         """
         if self._attachment is not None:                  # attach(optimizer): its steps update
             self._attachment.refuse("update()")
-        if torch.compiler.is_compiling():                 # one operator in the graph (see _compile)
-            _compile.compiled_update(self.compiled, step)
+        if is_compiling():                                # one operator in the graph (see _compile)
+            compiled_update(self.compiled, step)         # (module names: each dotted read is a guard)
             return
         self._eager_update(step)
 

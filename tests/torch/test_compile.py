@@ -771,3 +771,37 @@ def test_each_schedule_the_graph_advances_updates_as_eager(decay, debias):
             assert not torch.equal(sb[k], before[k])    # the update moved it
     assert len(graphs) == 1
     assert not any("fastema" in str(n.target) for n in graphs[0].graph.nodes)
+
+
+@pytest.mark.parametrize("loaded", [{"decay": 0.5}, {"decay": 0.5, "debias": True}, {"decay": NumUpdates(0.7)},
+                                    {"decay": 0.5, "update_every": 2}],
+                         ids=["another decay", "debiased", "another schedule", "update_every"])
+def test_a_checkpoint_load_that_changes_the_schedule_is_seen_by_the_compiled_update(loaded):
+    """The graph reads the schedule as one tuple made at construction and at every load (the device
+    plan's ``recipe``), not the schedule's objects: a load that brings another decay, kind, debiasing or
+    cadence makes a graph of its own (or the operator's, for update_every), and each compiled update
+    equals the eager one of an EMA given the same state, bit for bit (Dynamo's graph, no Inductor)."""
+    model = _model()
+    params = list(model.parameters())
+    ema = EMA(model, 0.9, device_step=True)
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(params, 1.0)
+            ema.update()
+
+    dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    compiled()
+    compiled()
+    ema.load_state_dict(EMA(model, device_step=True, **loaded).state_dict())
+    recipe = ema._core.device_plan.recipe
+    assert recipe is None if "update_every" in loaded else recipe[0] in ("constant", "num_updates")
+    for _ in range(3):
+        twin = EMA(model, 0.9, device_step=True)
+        twin.load_state_dict(ema.state_dict())
+        compiled()
+        twin.update()
+        assert (ema.updates, ema.calls, ema.decay) == (twin.updates, twin.calls, twin.decay)
+        a, b = ema.state_dict()["averaged"], twin.state_dict()["averaged"]
+        assert all(torch.equal(a[k], b[k]) for k in b)

@@ -49,6 +49,7 @@ from .._tensors.model import TorchModel, static
 __all__ = ["Lowered"]
 
 _WIDTHS = (torch.float32, torch.float64)         # the dtypes whose lerp takes a weight of their own
+_HALF = {torch.float32: 0.5 - 2.0 ** -26, torch.float64: 0.5}    # the least weight each takes as 0.5 or more
 
 
 class Lowered:
@@ -59,9 +60,9 @@ class Lowered:
     every call):
 
     - ``sources``: the averaged tensors, then the copied and integer buffers (the model's);
-    - ``views``: every shadow view, row by row; ``runs``: ``(dtype, device, row, start, stop)``,
+    - ``views``: every shadow view, row by row; ``runs``: ``(half, device, row, start, stop)``,
       the views ``[row * n + start, row * n + stop)`` of the sources ``[start, stop)`` (one dtype,
-      one device);
+      one device; ``half``: that dtype's :data:`_HALF`);
     - ``copies``: the copied and integer buffers' destinations (the sources after the ``n``
       averaged);
     - ``plans``: per device, views of the plan's counters ``(calls and updates, last, norms)``:
@@ -121,7 +122,7 @@ class Lowered:
                 views.append(view)
                 key = (src.dtype, devices[i])
                 if i + 1 == len(sources) or (sources[i + 1].dtype, devices[i + 1]) != key:
-                    runs.append((src.dtype, devices[i], row, start, i + 1))
+                    runs.append((_HALF[src.dtype], devices[i], row, start, i + 1))
                     start = i + 1
         copy, ints = side.copy, list(side.int_buffers.values())
         dsts = [copy.view(i) for i in range(len(copy.sources))] if copy is not None else []
@@ -144,42 +145,43 @@ class Lowered:
         if not self.ready or engine.skip_nonfinite or engine.rounding != "nearest" or side.resync \
                 or side.stale or self.swap.row is not None:    # swapped (its property: more guards)
             return False
-        plan = engine.plan
-        kind = DevicePlan.formula(plan)
-        if kind is None:
+        recipe = self.device_plan.recipe             # one tuple of numbers: the schedule's guards
+        if recipe is None:
             return False
-        rows = [_row(kind, s) for s in plan.schedules]
+        kind, rows, debias = recipe
+        tensor_weights = debias or kind != "constant"
         sources, views, n = self.sources, self.views, self.n
         with torch.no_grad():                   # as the eager update: the weights may require grad
-            weights = {device: _advance(counters, kind, rows, plan.debias)
+            weights = {device: _advance(counters, kind, rows, debias)
                        for device, counters in self.plans.items()}
-            for dtype, device, row, start, stop in self.runs:
+            for half, device, row, start, stop in self.runs:
                 w = weights[device][row]
-                _lerp_(views[row * n + start:row * n + stop], sources[start:stop],
-                       w if isinstance(w, float) else w.to(dtype), dtype)
+                _lerp_(views[row * n + start:row * n + stop], sources[start:stop], w, half, tensor_weights)
             if self.copies:
                 torch._foreach_copy_(self.copies, sources[n:])
         return self.in_graph()                      # run while tracing, not at every call
 
 
-def _lerp_(views: list, sources: list, weight, dtype) -> None:
+def _lerp_(views: list, sources: list, weight, half: float, tensor: bool) -> None:
     """``torch._foreach_lerp_(views, sources, weight)`` as Dynamo writes it from torch 2.12 on (its
     polyfill ``foreach_lerp_inplace``): the difference, then one ``addcmul_`` (one FMA where the
     compiler makes one), from the view below a weight of 0.5 and from the source above it, eager
     ``lerp_``'s formula (a tensor weight: both, selected). Written here, so that every supported
     torch writes the same graph: 2.10 and 2.11 wrote it as sub, mul, add, two roundings (a graph
     run as it is, without Inductor, was not eager's update). A Python weight is judged as eager
-    judges it, in the views' ``dtype``: a float32 one from ``0.5 - 2**-26`` up rounds to 0.5 (the
-    polyfill judges the float64)."""
+    judges it, in the views' dtype: from ``half`` (:data:`_HALF`) up, as a float32 one from
+    ``0.5 - 2**-26`` up rounds to 0.5 (the polyfill judges the float64). ``tensor``: whether
+    ``weight`` is a (float64) tensor, known while tracing: said, not asked (a builtin read in a
+    traced function is a guard at every call, as ``torch.float64`` is)."""
     diff = torch._foreach_sub(sources, views)
-    if isinstance(weight, torch.Tensor):
+    if tensor:
+        weight = weight.to(views[0].dtype)
         high = weight.abs() >= 0.5
         w = torch.where(high, -(1.0 - weight), weight)
         bases = [torch.where(high, src, view) for view, src in zip(views, sources)]
         torch._foreach_addcmul_(bases, [w for _ in diff], diff)
         torch._foreach_copy_(views, bases)
         return
-    half = 0.5 if dtype is torch.float64 else 0.5 - 2.0 ** -26    # the least taken as 0.5 or more
     if weight >= half or weight <= -half:
         first = views[0]
         w = -(1.0 - torch.tensor(weight, dtype=first.dtype, device=first.device))
@@ -251,19 +253,6 @@ def _marker(device_plan: DevicePlan):
     return in_graph
 
 
-def _row(kind: str, schedule) -> tuple:
-    """A row's schedule as Python numbers (the compiled code's constants, guarded): its decay, gamma
-    or half-life (the plan kernel's ``decays[i]``), then a warm-up's shared parameters."""
-    if kind == "power_function":
-        return (float(schedule.gamma),)
-    if kind == "half_life":
-        return (float(schedule.half_life),)
-    if kind == "power_warmup":
-        return (float(schedule.decay), float(schedule.min_decay), float(schedule.inv_gamma),
-                float(schedule.power), float(schedule.update_after_step), bool(schedule.warmup))
-    return (float(schedule.decay),)
-
-
 def _advance(counters: list, kind: str, rows: list, debias: bool) -> list:
     """The plan kernel's step (``kernels._stats.plan_step``, a due call with no ``step=``) on one
     device's counters, in the graph, advanced in place; returns each row's weight: a Python float
@@ -271,11 +260,12 @@ def _advance(counters: list, kind: str, rows: list, debias: bool) -> list:
     calls_updates, last, norms = counters
     t = calls_updates[0] + 1.0
     n = calls_updates[1] + 1.0
-    out, new_norms = [], []
-    for i, row in enumerate(rows):
-        d = _decay(kind, row, n, last[0], t)
+    out, new_norms, i = [], [], 0
+    for row in rows:                            # (no enumerate: a builtin read is a guard)
+        d = row if kind == "constant" else _decay(kind, row, n, last[0], t)     # (nor a function's)
         if debias:
             c = d * norms[i] + (1.0 - d)
+            i += 1
             out.append(torch.where(c == 0.0, 1.0, (1.0 - d) / c))
             new_norms.append(c)
         else:
@@ -288,11 +278,9 @@ def _advance(counters: list, kind: str, rows: list, debias: bool) -> list:
 
 
 def _decay(kind: str, row: tuple, n, last, t):
-    """``kernels._stats.schedule_decay`` of one row, in float64 tensor operations (a constant: its
-    Python float)."""
+    """``kernels._stats.schedule_decay`` of one row of a schedule that is not a constant, in float64
+    tensor operations."""
     decay = row[0]
-    if kind == "constant":
-        return decay
     if kind == "num_updates":
         return torch.clamp((1.0 + n) / (10.0 + n), max=decay)
     if kind == "power_function":
