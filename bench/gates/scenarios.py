@@ -43,7 +43,7 @@ BOUNDS = (("stub-gpu ema_update_, 1 tensors", _FLAT1, 1.5),
           ("stub-gpu Smoother.update K=10^5, 1 tensors", _FLAT1, 2.6),
           ("stub-gpu swap(), 148 tensors", "stub-gpu EMA.update, 148 tensors", 1.5),
           ("stub-gpu TargetNetwork.update, 6 tensors", "stub-gpu EMA.update, 6 tensors", 1.65),
-          ("cpu compiled step, 30 tensors", "cpu compiled foreach step, 30 tensors", 1.02))
+          ("cpu compiled step, 30 tensors", "cpu compiled foreach step, 30 tensors", 1.0))
 """``(scenario, reference, factor)``: the scenario's instructions at most ``factor`` times the reference's,
 in the same run (issue 70's targets: ``ema_update_`` 1.5x a bound ``FlatShadow.update`` of one tensor, a
 smoother's update 2x; on the CPU, ``ema_update_`` of 16 elements 3x ``torch.lerp_``; issue 78 item 7's:
@@ -67,7 +67,9 @@ step (issue 86 item 2's target: at least 1.0x the same step with ``torch._foreac
 timed by the ratio gate) counted 1.05x its instructions, then 1.005x with the average's tensors
 constants of the graph guarded by identity (as torch's compiled optimizers hold their state: -36k):
 what is left is the guards of the EMA's Python state and of each parameter reached by two paths
-(bench/results/LOG.md); bound 1.08x -> 1.02x (1.005-1.007x measured)."""
+(bench/results/LOG.md); bound 1.08x -> 1.02x (1.005-1.007x measured). Then the schedule read as one tuple
+of numbers made at each load (``DevicePlan.recipe``: 24 guard lines -> 9), no builtin, module attribute or
+second function read in the traced update: 0.9965-0.998x, the bound 1.0x, issue 86's target."""
 CAPS = (("stub-gpu kept launch, 1 tensors", 20_000),)
 """``(scenario, most)``: the scenario's instructions per call at most ``most`` in every run (issue 86 item 3:
 a kept CUDA launch below 20k instructions on the stub driver)."""
