@@ -153,10 +153,11 @@ class SourceTable:
     def check_writable(self, what: str) -> None:
         """Refuse ``what`` (a write into the sources: a swap, ``copy_to_sources()``) where a source
         is read-only (a read-only NumPy array; a JAX array or a TensorFlow tensor, which the
-        array functions refuse to write alike), naming it, before anything is written."""
+        array functions refuse to write alike; a NumPy array made read-only since it was last
+        described too), naming it, before anything is written."""
         for g, t in zip(self._layout.groups, self._tracked):
-            if t.read_only:
-                i, framework = t.read_only[0]
+            i, framework = t.read_only[0] if t.read_only else (t.backend.read_only_now(t.tensors), t.backend.NAME)
+            if i is not None:
                 hint = READ_ONLY_HINTS.get(framework, "pass writable arrays (they are written in place)")
                 raise ValueError(f"{what} writes the sources, and source {self.names[g.members[i]]!r} is "
                                  f"read-only: {hint}")

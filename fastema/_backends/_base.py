@@ -192,6 +192,12 @@ class Backend:
         inference mode's rules), in its words with the fix; None where it writes it."""
         return None
 
+    def read_only_now(self, objs: list) -> int | None:
+        """The index of the first of ``objs`` (described before, writable then) that may not be
+        written now, or None: for frameworks whose arrays can turn read-only after they were
+        described (NumPy's ``a.flags.writeable = False``); the others' writability is fixed."""
+        return None
+
     def inplace_moded(self, x) -> bool:
         """Whether :meth:`inplace_refusal` of ``x`` may change with the framework's modes (torch:
         grad mode, inference mode) while ``x``'s :meth:`layout_guard` holds."""

@@ -80,6 +80,9 @@ class NumPy(Backend):
                 tuple(map(_LAYOUT, ts)) == layouts
         return same
 
+    def read_only_now(self, objs: list) -> int | None:
+        return next((i for i, a in enumerate(objs) if not a.flags.writeable), None)
+
     def address(self, x) -> int:
         return x.ctypes.data
 

@@ -408,3 +408,20 @@ def test_a_swap_or_copy_into_read_only_sources_is_refused_and_writes_nothing(mak
             with pytest.raises(ValueError, match=rf"writes the sources, and source '0' is read-only: .*{hint}"):
                 call()
             assert np.array_equal(np.array(src), kept) and np.array_equal(np.array(shadow.view(0)), held), what
+
+
+@pytest.mark.parametrize("make", ["FlatShadow", "WindowShadow"])
+def test_a_numpy_source_made_read_only_after_construction_is_refused_by_swap_and_copy(make):
+    """NumPy's writability is read when the shadow is made (and at a rebind): an array made read-only
+    afterwards was written by swap() and copy_to_sources(). It is read again before they write."""
+    a, b = np.arange(1.0, 5.0, dtype=np.float32), np.arange(1.0, 4.0, dtype=np.float32)
+    shadow = fastema.FlatShadow([a, b], init="zeros") if make == "FlatShadow" else fastema.WindowShadow([a, b], 2)
+    b.flags.writeable = False
+    for call in (shadow.swap, shadow.copy_to_sources):
+        with pytest.raises(ValueError, match=r"writes the sources, and source '1' is read-only: pass writable"):
+            call()
+        assert np.array_equal(a, np.arange(1.0, 5.0)) and np.array_equal(b, np.arange(1.0, 4.0))
+    b.flags.writeable = True
+    shadow.swap()                                   # writable again: taken, and back
+    shadow.swap()
+    assert np.array_equal(a, np.arange(1.0, 5.0)) and np.array_equal(b, np.arange(1.0, 4.0))
