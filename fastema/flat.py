@@ -87,6 +87,7 @@ class FlatShadow(ShadowBase, StepLaunches):
         self._views: dict = {}          # the made-here flags' kernel views (StepLaunches)
         self._swap = SwapState()
         self.skipped: dict[str, Any] = {}               # device -> int32[1] flag of the last guarded update
+        self._spans = [describe(g.buffer, "shadow") for g in self.layout.groups]   # (made once: _holds)
         if init == "copy":
             self.copy_from_sources()
         else:
@@ -163,7 +164,7 @@ class FlatShadow(ShadowBase, StepLaunches):
 
     def _holds(self, buf) -> bool:
         """Whether ``buf`` shares a byte with a shadow buffer (a weight there: read while written)."""
-        return any(overlaps(buf, describe(g.buffer, "shadow")) for g in self.layout.groups)
+        return any(overlaps(buf, b) for b in self._spans)
 
     def bias_correct(self, alpha: float, *, skip_if: Mapping | None = None) -> None:
         """BEMA's output in place: ``shadow[0] <- shadow[1] + alpha * (shadow[0] - shadow[2])``.

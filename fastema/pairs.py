@@ -200,7 +200,7 @@ class PairShadow(Capabilities, StepLaunches):
             if not bf16_stochastic:
                 stochastic_rounding(rounding, g.shadow_kind)
         if not groups:                                    # no pairs: the arguments checked all the same
-            _check_alone(decays, weight, rounding if not bf16_stochastic else "nearest", seed, step)
+            _check_alone(decays, weight, rounding if not bf16_stochastic else "nearest")
         key = sr_key(seed, step) if rounding != "nearest" or bf16_stochastic else 0
         for g in groups:                                  # each group's launch, kept by the group
             stochastic = rounding == "stochastic" or (bf16_stochastic and g.shadow_kind == BF16)
@@ -213,14 +213,16 @@ class PairShadow(Capabilities, StepLaunches):
         return self.scan_groups(flags)
 
 
-def _check_alone(decays, weight, rounding, seed, step) -> None:
-    """The checks of an update with no pairs (``ema_update_many_([], [])``, as a call with pairs
-    would refuse; a device weight's device and size are the pairs' to check)."""
+def _check_alone(decays, weight, rounding) -> None:
+    """The checks of an update with no pairs (``ema_update_many_([], [])``) that a call with pairs
+    makes per group: the decay or weight (a device weight on its own device) and the rounding (the
+    seed and step are checked after, as with pairs)."""
     if decays is not None or weight is None or isinstance(weight, (list, tuple, numbers.Real)):
         resolve_weights(decays, weight, 1, "cpu")
+    else:
+        resolve_weights(None, weight, 1, describe(weight, "weight").device)
     if rounding != "nearest":
         check_rounding(rounding, "bfloat16")
-        sr_key(seed, step)
 
 
 # Pairs of recent ema_update_many_ calls (the one KeptLRU of _backends.kept): found by every tensor's

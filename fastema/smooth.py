@@ -218,8 +218,20 @@ class Smoother:
             window = self.window or 1
             count = self.count
             launch = group.launch_of(self._specs[self._weighted])  # (compiled at a variant's first)
-            launch(y, w0, c, per_stream, _MODES[self.mode], self._decay, *self._args,
-                   count % window, min(count, window), widen)
+            args = (y, w0, c, per_stream, _MODES[self.mode], self._decay, *self._args, count % window,
+                    min(count, window), widen)
+            if widened or count < window and self.window is not None:
+                # The kernel's writes and the count at once: a window not yet full takes the next
+                # value into an empty slot, so a Ctrl-C after the kernel (and before the count)
+                # would leave the value in the sums for good and the next one in its slot; a first
+                # weighted update has widened the state in place. Later, a call that did not count
+                # is taken again into the same slot, evicting itself: no hold (no per-step cost).
+                with ctrl_c_held():
+                    launch(*args)
+                    widened = False
+                    self.count = count + 1
+                return
+            launch(*args)
         except BaseException:
             if widened:
                 self._widen(False)

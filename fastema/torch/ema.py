@@ -92,7 +92,7 @@ class EMA(Face, TorchAverage):
         """
         if self._attachment is not None:                  # attach(optimizer): its steps update
             self._attachment.refuse("update()")
-        if is_compiling():                                # one operator in the graph (see _compile)
+        if is_compiling():                 # the plain case in the graph, else one operator (_face.compiled)
             compiled_update(self.compiled, step)         # (module names: each dotted read is a guard)
             return
         self._eager_update(step)

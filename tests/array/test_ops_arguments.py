@@ -55,7 +55,9 @@ def test_flat_shadow_refuses_a_weight_in_its_own_buffer():
     ({"decay": 5.0}, ValueError, r"decay must be in \[0, 1\]"),
     ({"weight": [0.1, 0.2]}, ValueError, "expected 1 decay value"),
     ({"decay": 0.9, "rounding": "bogus"}, ValueError, "rounding must be 'nearest' or 'stochastic'"),
-    ({"decay": 0.9, "rounding": "stochastic", "seed": -1}, ValueError, "seed and step must be integers"),
+    ({"weight": torch.tensor([0.1], dtype=torch.float64)}, ValueError, r"1 element\(s\) of float32, got 1 of float64"),
+    ({"weight": torch.tensor([0.1, 0.2])}, ValueError, r"1 element\(s\) of float32, got 2 of float32"),
+    ({"weight": "abc"}, TypeError, "weight must be a NumPy array"),
 ])
 def test_ema_update_many_with_no_pairs_checks_its_arguments(kwargs, error, match):
     """With no pairs the checks ran per group, so none ran: ema_update_many_([], [], rounding="bogus")
@@ -70,6 +72,8 @@ def test_ema_update_many_with_no_pairs_and_good_arguments_does_nothing():
     fastema.ema_update_many_([], [], 0.9)
     fastema.ema_update_many_([], [], weight=torch.tensor([0.1]))
     fastema.ema_update_many_([], [], 0.9, rounding="stochastic", seed=3, step=7)
+    with pytest.raises(ValueError, match="seed and step must be integers"):       # (checked before too)
+        fastema.ema_update_many_([], [], 0.9, rounding="stochastic", seed=-1)
 
 
 @pytest.mark.parametrize("kwargs", [{"decays": []}, {"weights": []}, {}])

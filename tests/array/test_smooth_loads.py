@@ -177,6 +177,41 @@ def test_a_first_weighted_update_that_fails_leaves_the_unweighted_layout(weight)
     assert float(s._state["wsc"][0]) == 4 * SCALE          # stream 0 in the window: weights 1, 1 and 2
 
 
+@pytest.mark.parametrize("weight", [None, 2.0], ids=["unweighted", "first weighted"])
+def test_a_ctrl_c_as_the_kernel_returns_leaves_the_update_whole(weight):
+    """A Ctrl-C delivered after the kernel wrote (as its call returned) skipped the count: in a window
+    not yet full the value stayed in the sums (n one above the count for good: a state_dict() then
+    refused at load) and the next value took its slot; a first weighted update's widened state was
+    undone under the kernel's writes. The update is now counted with its writes, the Ctrl-C raised
+    after them."""
+    s, ref = Smoother(span=4, window=3), Smoother(span=4, window=3)
+    for v in ([1.0, 2.0], [3.0, np.nan]):
+        s.update(np.array(v))
+        ref.update(np.array(v))
+
+    def interrupt(frame, event, arg):          # a Ctrl-C as the kernel's run returns (no name replaced)
+        if event == "return" and frame.f_code.co_name == "run":
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.setprofile(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.update(np.array([5.0, 6.0]), sample_weight=weight)
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGINT, old)
+    ref.update(np.array([5.0, 6.0]), sample_weight=weight)
+    assert _bits(s) == _bits(ref)
+    again = Smoother(span=4, window=3)
+    again.load_state_dict(s.state_dict())
+    for x in (s, ref, again):
+        x.update(np.array([7.0, 8.0]))
+    assert _bits(s) == _bits(ref) == _bits(again)
+    np.testing.assert_array_equal(s.sma, ref.sma)
+
+
 @pytest.mark.parametrize("bad", [2 ** 40, 2 ** 32 + 2, -1, 4, 1.5, np.nan])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_a_window_count_outside_its_range_is_refused_not_wrapped(bad, weighted):

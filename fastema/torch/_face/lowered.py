@@ -4,7 +4,7 @@ so that Inductor fuses it with the parameter update: no operator call, no kernel
 The plain case: an :class:`~fastema.torch.EMA` (not a subclass that adds to the update) with the
 plan on the device (``device_step``), every shadow in its source's dtype, float32 or float64,
 nearest rounding, no ``skip_nonfinite``, ``update_every=1``, a schedule
-:meth:`fastema.average.DevicePlan.formula` names (a constant decay, ``NumUpdates``,
+whose :meth:`fastema.average.DevicePlan.formula` is not None (a constant decay, ``NumUpdates``,
 ``PowerWarmup``, ``PowerFunction``, ``HalfLife``; ``debias`` too), a whole shadow on the sources'
 devices (no offload, split, masters or sharded parameters), no ``step=``, the model as the average
 last followed it (no swap in, no restart or registration pending). :meth:`Lowered.trace` then
