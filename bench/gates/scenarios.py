@@ -69,7 +69,7 @@ constants of the graph guarded by identity (as torch's compiled optimizers hold 
 what is left is the guards of the EMA's Python state and of each parameter reached by two paths
 (bench/results/LOG.md); bound 1.08x -> 1.02x (1.005-1.007x measured). Then the schedule read as one tuple
 of numbers made at each load (``DevicePlan.recipe``: 24 guard lines -> 9), no builtin, module attribute or
-second function read in the traced update: 0.9965-0.998x, the bound 1.0x, issue 86's target."""
+second function read in the traced update: 0.996-0.998x, the bound 1.0x, issue 86's target."""
 CAPS = (("stub-gpu kept launch, 1 tensors", 20_000),)
 """``(scenario, most)``: the scenario's instructions per call at most ``most`` in every run (issue 86 item 3:
 a kept CUDA launch below 20k instructions on the stub driver)."""
