@@ -32,9 +32,8 @@ from typing import Callable, Iterator
 
 from .._interrupts import ctrl_c_held
 
-__all__ = ["FileSystem", "Staging", "alive", "atomic_write", "gone", "rename_new", "signals_held", "sweep_stale",
-           "sync_folder", "using",
-           "write_new"]
+__all__ = ["FileSystem", "Staging", "alive", "atomic_write", "gone", "rename_new", "save_figure", "signals_held",
+           "sweep_stale", "sync_folder", "using", "write_new"]
 
 _TMP_PREFIX = ".fastema-"
 
@@ -53,6 +52,13 @@ def atomic_write(path: str, write: Callable) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig, path: str, **savefig) -> None:
+    """A matplotlib figure written to ``path`` as :func:`atomic_write` writes (in the format its
+    extension names, PNG without one): a failed write leaves the previous image as it was."""
+    ext = os.path.splitext(path)[1].lower().lstrip(".") or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=ext, **savefig))
 
 
 def write_new(path: str, write: Callable) -> None:

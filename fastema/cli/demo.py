@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from .._io.files import save_figure
 from . import Parser, image_path, integer, number, parse, writable
 
 __all__ = ["main"]
@@ -160,7 +161,7 @@ def _plot(path, losses, smoothed, epochs, decay, per_epoch) -> str:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return os.path.abspath(path)
 

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from .._io.files import save_figure
 from .._io.safe_files import open_regular
 from ..smooth import Smoother
 from ..track import _ema_kwargs
@@ -120,7 +121,7 @@ def plot(path: str, out: str | None = None, column: str | None = None, ema=0.9, 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 

@@ -69,7 +69,11 @@ def main(argv=None) -> int:
         for option, path in (("--out", args.out), ("--plot", plot)):
             if path is not None:
                 writable(option, path, "ema.safetensors" if option == "--out" else "profiles.png")
+                _outside(option, path, args.directory)
                 _probe(option, path)
+        if args.out is not None and plot is not None and os.path.realpath(args.out) == os.path.realpath(plot):
+            raise ValueError(f"--out and --plot name one file ({plot!r}): the image would replace the weights; "
+                             f"give each its own name")
         if plot is not None:
             pyplot()                               # matplotlib, before anything is written
         if args.out is not None:
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}: sigma_rel={sol.sigma_rel:.4f} (gamma={sol.gamma:.3f}) at time {sol.time:g}, "
                   f"{len(weights)} tensors, relative error {sol.error:.3g}, condition {sol.condition:.3g}")
         if plot is not None:
-            plot_profiles(args.directory, sigma, plot, time=args.time)
+            plot_profiles(args.directory, sigma, plot, time=args.time, max_error=args.max_error)
             print(f"wrote {plot}")
     except (ValueError, OSError, ImportError, MemoryError) as err:  # FileNotFoundError, SnapshotError: OSErrors
         print(f"error: {_one_line(err)}", file=sys.stderr)
@@ -101,6 +105,15 @@ def _usage(parser: Parser, message: str) -> int:
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 2
     return 2
+
+
+def _outside(option: str, path: str, directory: str) -> None:
+    """Refuse (ValueError naming the option) an output inside the snapshot folder, links resolved: it
+    could replace a snapshot or the run's claim file (a run's folder holds its snapshots alone)."""
+    real, folder = os.path.realpath(path), os.path.realpath(directory)
+    if os.path.commonpath([real, folder]) == folder:
+        raise ValueError(f"{option} {path!r} lies inside the snapshot folder {directory!r}, which holds the run's "
+                         f"snapshots alone (writing there could replace one); write outside it")
 
 
 def _probe(option: str, path: str) -> None:

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from .._io.files import save_figure
 from ..schedules import gamma_to_sigma_rel
 from ._profiles import Solution, profile
 from ._snapshots import read_snapshots
@@ -65,6 +66,6 @@ def plot_profiles(directory: str | os.PathLike, sigma_rel: float | None, out: st
     ax.set_title(f"post-hoc EMA profiles: {len(snaps)} snapshots")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)                 # (atomic: a failed write keeps the old image)
     plt.close(fig)
     return sol

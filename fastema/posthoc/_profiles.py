@@ -34,10 +34,12 @@ MAX_ERROR = 0.05
 
 
 def profile(tau, time: float, gamma: float) -> np.ndarray:
-    """The power-function profile ``p(tau) = (gamma+1) tau^gamma / t^(gamma+1)`` on ``[0, t]`` (0 after)."""
+    """The power-function profile ``p(tau) = (gamma+1) tau^gamma / t^(gamma+1)`` on ``[0, t]`` (0 after),
+    computed as ``(gamma+1) / t * (tau/t)^gamma``: no power of ``t`` alone, which overflows for a
+    narrow profile's large ``gamma`` (a plot of ``sigma_rel=0.001`` at ``t = 40`` raised OverflowError)."""
     tau = np.asarray(tau, np.float64)
     inside = (tau >= 0) & (tau <= time)
-    return np.where(inside, (gamma + 1) * np.clip(tau, 0, None) ** gamma / time ** (gamma + 1), 0.0)
+    return np.where(inside, (gamma + 1) / time * np.clip(tau / time, 0, 1) ** gamma, 0.0)
 
 
 def profile_dot(t_a, g_a, t_b, g_b) -> np.ndarray:

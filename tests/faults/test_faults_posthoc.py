@@ -702,3 +702,32 @@ def test_sharded_snapshots_refuse_and_fail_together_on_every_rank(tmp_path):
     assert sorted(os.listdir(aside)) == ["snapshot-000000000004", "snapshot-000000000004.json",
                                          "snapshot-000000000006", "snapshot-000000000006.json"]
     assert posthoc.synthesize(snaps, 0.1, max_error=1.0)["0.weight"].shape == (6, 8)
+
+
+def test_an_image_write_that_fails_keeps_the_previous_image(tmp_path):
+    """The plots (posthoc --plot, the plot and demo commands) wrote with savefig straight to the path: a
+    write that failed part way (a file-size limit, a full disk) left a truncated image where the good one
+    was. They write through a temporary file now, published whole."""
+    resource = pytest.importorskip("resource")
+    pytest.importorskip("matplotlib")
+    from fastema._io.files import save_figure
+    from fastema.posthoc import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    g = torch.Generator().manual_seed(0)
+    ax.plot(torch.rand(10_000, generator=g).numpy())                       # an image past 4 KiB
+    out = tmp_path / "prof.png"
+    save_figure(fig, str(out))
+    good = out.read_bytes()
+    assert good[:8] == b"\x89PNG\r\n\x1a\n" and len(good) > 4096
+    ax.plot(torch.rand(10_000, generator=g).numpy())
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError):
+            save_figure(fig, str(out))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        plt.close(fig)
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["prof.png"]

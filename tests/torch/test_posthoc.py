@@ -565,6 +565,37 @@ def test_command_line_refuses_bad_arguments_in_one_line(snaps, tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("where", ["the last snapshot", "the claim file", "a new file", "the plot"])
+def test_command_line_never_writes_inside_the_snapshot_folder(snaps, tmp_path, capsys, where):
+    """--out over the run's last snapshot replaced it with plain weights (the folder unreadable from
+    then on), over .fastema-run the run's claim; nothing is written inside the folder now."""
+    names = sorted(p.name for p in snaps.iterdir())
+    target = {"the last snapshot": snaps / [n for n in names if n.startswith("snapshot-")][-1],
+              "the claim file": snaps / ".fastema-run", "a new file": snaps / "ema.safetensors",
+              "the plot": snaps / "p.png"}[where]
+    option = "--plot" if where == "the plot" else "--out"
+    before = {p.name: p.read_bytes() for p in snaps.iterdir() if p.is_file()}
+    rc, out, err = run_cli(capsys, snaps, "--sigma-rel", "0.07", option, target)
+    assert rc == 1 and not out
+    one_line(err, option, "inside the snapshot folder")
+    assert {p.name: p.read_bytes() for p in snaps.iterdir() if p.is_file()} == before
+
+
+def test_command_line_out_and_plot_of_one_file_or_a_plot_past_max_error_write_nothing(snaps, tmp_path, capsys):
+    """--out F --plot F wrote the weights, then the image over them (exit 0); with --max-error inf and a
+    target the snapshots represent badly, the weights were written, then the plot refused it at its own
+    default max_error of 1 (exit 1, advising the --max-error given)."""
+    pytest.importorskip("matplotlib")
+    same = tmp_path / "same.png"
+    rc, out, err = run_cli(capsys, snaps, "--sigma-rel", "0.07", "--out", same, "--plot", same)
+    assert rc == 1 and not out and not same.exists()
+    one_line(err, "--out and --plot name one file")
+    w, p = tmp_path / "w.safetensors", tmp_path / "p.png"
+    rc, out, err = run_cli(capsys, snaps, "--sigma-rel", "0.001", "--max-error", "inf", "--out", w, "--plot", p)
+    assert rc == 0, err
+    assert w.exists() and p.exists()
+
+
 def test_command_line_plot_prints_the_file_it_wrote(snaps, tmp_path, capsys):
     """reliability L2: ``--plot NAME`` without an extension wrote NAME.png and printed NAME."""
     pytest.importorskip("matplotlib")
