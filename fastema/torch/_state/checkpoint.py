@@ -32,7 +32,7 @@ from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
 from .agree import Agreement, Read, load_stamp
 from .dcp_calls import loading
-from .entries import global_shape, lands_finite, local_part, staged
+from .entries import global_shape, lands_as_saved, lands_finite, local_part, staged
 from .nonfinite import RECORD, NonFinite, named
 from .slices import full_entry
 
@@ -353,7 +353,8 @@ class TorchCheckpoint:
                     problems.append(f"{key} {n!r} has dtype {value.dtype}, expected {dst.dtype}")
                 elif finite and (wrong := load_dtype_problem(     # rounded into it
                         f"{key} {n!r}", written(value, dst), dst.dtype, state,
-                        self.core.shadow_dtype)):
+                        self.core.shadow_dtype)) or not finite and (wrong := lands_as_saved(
+                            f"{key} {n!r}", value, dst.dtype)):        # wrapped or inf in the buffer's
                     problems.append(wrong)
                 else:
                     if finite and not lands_finite(value, dst.dtype):

@@ -88,3 +88,20 @@ def lands_finite(value: torch.Tensor, dtype: torch.dtype) -> bool:
     if value.dtype != dtype and value.is_floating_point():
         value = value.to(dtype)
     return bool(torch.isfinite(value).all())
+
+
+def lands_as_saved(what: str, value: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """A problem where a copied or integer buffer ``value`` does not land in ``dtype`` as it was saved
+    (torch's ``copy_`` would convert it without a word): an integer outside ``dtype``'s range (it would
+    wrap: 2**40 + 7 lands in int32 as 7), a finite float beyond it (it would land as inf); else None.
+    A load: one host read an entry."""
+    if value.numel() == 0 or value.dtype == dtype or dtype == torch.bool or dtype.is_complex:
+        return None
+    if not dtype.is_floating_point:
+        info, lo, hi = torch.iinfo(dtype), int(value.min()), int(value.max())
+        if lo < info.min or hi > info.max:
+            held = lo if lo == hi else f"{lo}..{hi}"
+            return f"{what} holds {held}, outside {str(dtype).replace('torch.', '')}'s range (it would wrap)"
+    elif bool(torch.isfinite(value).all()) and not lands_finite(value, dtype):
+        return f"{what} holds values beyond {str(dtype).replace('torch.', '')}'s range (they would load as inf)"
+    return None

@@ -37,3 +37,38 @@ def test_an_integer_buffer_saved_as_a_bool_is_refused_with_nothing_written():
     with pytest.raises(ValueError, match=rf"int_buffers '{name}' has dtype torch.bool, expected torch.int64"):
         ema.load_state_dict(bad)
     assert ema.updates == 3 and int(ema.state_dict()["int_buffers"][name]) == 3
+
+
+def _counting(idt, fdt):
+    m = nn.Module()
+    m.w = nn.Parameter(torch.ones(2))
+    m.register_buffer("count", torch.zeros((), dtype=idt))
+    m.register_buffer("stat", torch.ones(2, dtype=fdt))
+    return m
+
+
+@pytest.mark.parametrize("count, stat, named", [
+    (2 ** 40 + 7, 2.0, r"int_buffers 'count' holds 1099511627783, outside int32's range \(it would wrap\)"),
+    (-1, 2.0, r"int_buffers 'count' holds -1, outside uint8's range"),
+    (5, 1e300, r"copied 'stat' holds values beyond float16's range \(they would load as inf\)"),
+])
+def test_a_buffer_that_would_not_land_as_saved_is_refused_with_nothing_written(count, stat, named):
+    """Integer and copied buffers were checked for their dtype's kind only: an int64 count of 2**40 + 7
+    loaded into an int32 buffer as 7, a float64 statistic of 1e300 into a float16 one as inf, without a
+    word (torch's copy_ converts). Each is refused, naming it; what fits loads."""
+    src = _counting(torch.int64, torch.float64)
+    saved = EMA(src, 0.9, copy=["stat"])
+    src.count.fill_(count)
+    src.stat.fill_(stat)
+    saved.update()
+    dst = _counting(torch.uint8 if count < 0 else torch.int32, torch.float16)
+    ema = EMA(dst, 0.9, copy=["stat"])
+    before = {k: v.clone() for k, v in ema.state_dict()["int_buffers"].items()}
+    with pytest.raises(ValueError, match=named):
+        ema.load_state_dict(saved.state_dict())
+    assert ema.updates == 0 and all(torch.equal(v, before[k]) for k, v in ema.state_dict()["int_buffers"].items())
+    src.count.fill_(3)
+    src.stat.fill_(2.0)
+    saved.update()
+    ema.load_state_dict(saved.state_dict())
+    assert int(ema.state_dict()["int_buffers"]["count"]) == 3 and ema.updates == 2
