@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from .._checkpoint_format import load_refused
 from ..flat import FlatShadow
+from ..ops import ema_update_
 from ._checkpoint import savedmodel_trace
 from .ema import _as_tf_variable, _in_replica_context, _kind, _no_tf1_graph, _weak
 
@@ -225,9 +226,8 @@ class ExponentialMovingAverage:
             for g, live in checked:
                 g.shadow.adopt(live, [a.__array_interface__["data"][0] for a in live])
                 g.shadow.update(weight=weight)
-            for g, slot, p in plan.single:                  # part of a group: its own lerp, in its dtype
-                view = g.shadow.view(slot)
-                view -= (view - np.asarray(arrays[p], view.dtype)) * view.dtype.type(weight)
+            for g, slot, p in plan.single:                  # part of a group: the same kernel, one slot
+                ema_update_(g.shadow.view(slot), arrays[p], weight=weight)
             return np.int64(0)
         except BaseException as err:
             self._error = err
