@@ -236,9 +236,9 @@ class EmaTransform:
     @staticmethod
     def _check_leaves(with_paths: list, averages: list) -> None:
         """ValueError, naming the leaf, for a ``params`` leaf (``with_paths``: ``(path, leaf)``, as
-        flattened) that is not what the state holds there (``averages``: its averages' leaves): another
-        kind (a float leaf where the state averages an int one, or the reverse: the state would
-        change structure) or, averaged, another shape."""
+        flattened) that is not what the state holds there (``averages``: its averages' leaves, or a
+        window's rings): another kind (a float leaf where the state averages an int one, or the reverse:
+        the state would change structure) or another shape (averaged: of one row; kept: its own)."""
         for (path, x), s in zip(with_paths, averages):
             name = "params" + jax.tree_util.keystr(path)
             got, held = _kind(x), _kind(s)
@@ -249,6 +249,9 @@ class EmaTransform:
             if got == "float" and tuple(s.shape[1:]) != tuple(jnp.shape(x)):
                 raise ValueError(f"{name}: a leaf of shape {tuple(jnp.shape(x))} meets an average of shape "
                                  f"{tuple(s.shape[1:])}; init a new state after changing the model")
+            if got != "float" and tuple(s.shape) != tuple(jnp.shape(x)):     # kept as it comes: the state's
+                raise ValueError(f"{name}: a leaf of shape {tuple(jnp.shape(x))} where the state holds one of "
+                                 f"shape {tuple(s.shape)}; init a new state after changing the model")
 
     def _fold(self, averages: list, leaves: list, w, key, alpha) -> list:
         """Every floating leaf's rows lerped toward its parameter; the other leaves replaced."""

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._functional import EmaTransform
+
 __all__ = ["WindowState", "WindowTransform", "window"]
 
 _FLOATS = ("float64", "float32", "bfloat16", "float16")
@@ -77,10 +79,12 @@ class WindowTransform:
 
     def update(self, state: WindowState, params) -> WindowState:
         """Take a snapshot of ``params`` on the first call and every ``every``-th after it."""
-        leaves, treedef = jax.tree_util.tree_flatten(params)
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+        leaves = [x for _, x in with_paths]
         old, old_def = jax.tree_util.tree_flatten(state.rings)
         if cast(Any, treedef) != old_def:
             raise ValueError(f"params does not have the structure of the state (expected {old_def}, got {treedef})")
+        EmaTransform._check_leaves(with_paths, old)     # an int leaf where a ring is took the ring's place
         due = state.calls % self.every == 0
         n = state.snapshots + 1                         # snapshots after this one
         out = []

@@ -262,6 +262,24 @@ def test_a_leaf_of_another_kind_than_the_states_is_refused_by_name():
     assert int(kept.averages["n"]) == 3 and kept.averages["w"].dtype == jnp.float32      # same kinds: taken
 
 
+@pytest.mark.parametrize("make", [lambda: fj.ema(0.9), lambda: fj.window(4)], ids=["ema", "window"])
+def test_a_leaf_of_another_kind_or_a_kept_leaf_of_another_shape_is_refused_by_ema_and_window(make):
+    """window().update had no check of its leaves: an int leaf where the state holds a float ring took
+    the ring's place (the window's four snapshots became the ints, and average() returned a (4, 3)
+    array); ema() and window() took a kept leaf of another shape, changing the state's structure. Both
+    are refused naming the leaf, inside jit too; the same kinds and shapes are taken."""
+    avg = make()
+    state = avg.init({"w": jnp.array([0.5, 1.5, 2.5]), "c": jnp.zeros(2, jnp.int32)})
+    for leaf, params in [("['w']", {"w": jnp.array([7, 8, 9]), "c": jnp.zeros(2, jnp.int32)}),
+                         ("['c']", {"w": jnp.ones(3), "c": jnp.zeros(5, jnp.int32)})]:
+        for update in (avg.update, jax.jit(avg.update)):
+            with pytest.raises(ValueError, match=rf"params\{leaf[:2]}.*where the state holds .*init a new state"):
+                update(state, params)
+    kept = avg.update(state, {"w": jnp.array([1.5, 2.5, 3.5]), "c": jnp.ones(2, jnp.int32)})
+    np.testing.assert_array_equal(np.asarray(avg.average(kept)["c"]), [1, 1])
+    assert avg.average(kept)["w"].shape == (3,)
+
+
 def test_shadow_dtype_takes_the_list_of_fastema_jax_EMA_and_refuses_others_by_name():
     """J15: ``shadow_dtype="int8"`` (bool, complex64, float8) averaged garbage (0.3 -> 0.7 gave 0.0),
     and an unknown name failed at init with NumPy's message. fastema.jax.EMA's list, refused at
