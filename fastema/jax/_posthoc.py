@@ -69,6 +69,10 @@ def snapshot(avg: EmaTransform, state: EmaState, directory: str | os.PathLike, *
     updates = int(state.updates)
     if updates == 0:
         raise RuntimeError("fastema.jax.snapshot() before any update: there is no profile to store yet")
+    if int(state.last_time) <= 0:               # as fastema.torch.PostHocEMA.snapshot() refuses it
+        raise RuntimeError("fastema.jax.snapshot() at time 0 (the last update's step was 0): every profile of "
+                           "time 0 is the weights it began from, which synthesis cannot use (a stored "
+                           "profile's time is > 0); take it after an update at a later step")
     import torch
 
     directory = os.fspath(directory)

@@ -117,8 +117,8 @@ class SnapshotMeta(NamedTuple):
             raise ValueError(f"{path!r}: snapshot version {version} is not one fastema wrote (it reads {_READS})")
         field = _Fields(meta, path)
         time = field.number("time")
-        if not (math.isfinite(time) and time >= 0):
-            field.bad("time", "a finite number >= 0")
+        if not (math.isfinite(time) and time > 0):     # time 0: the weights it began from (unusable)
+            field.bad("time", "a finite number > 0")
         updates = field.count("updates")
         calls = field.count("calls") if "calls" in meta else None
         gammas = field.json("gammas")

@@ -156,3 +156,25 @@ def test_a_leaf_torch_has_no_dtype_for_is_refused_before_the_folder_is_claimed(t
     with pytest.raises(ValueError, match=r"\['q'\] is int4.*float32"):
         fj.snapshot(AVG, state, tmp_path, run_id="r")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_snapshot_at_time_0_is_refused_and_a_file_of_time_0_is_refused_by_name(tmp_path):
+    """An optax-style loop's first step is 0: snapshot() after update(step=0) wrote a profile of time 0
+    (the torch face refuses it), and synthesis then failed on every snapshot without naming the file.
+    snapshot() refuses it; a file of time 0 is refused by name, with the fix."""
+    params = {"w": jnp.arange(3.0)}
+    state = AVG.update(AVG.init(params), params, step=0)
+    with pytest.raises(RuntimeError, match="at time 0"):
+        fj.snapshot(AVG, state, tmp_path, run_id="r")
+    assert list(tmp_path.iterdir()) == []
+    later = AVG.update(state, params, step=5)
+    path = fj.snapshot(AVG, later, tmp_path, run_id="r")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, "pt") as f:
+        header = {**f.metadata(), "time": "0"}          # the file the old snapshot() wrote at step 0
+    save_file(load_file(path), str(tmp_path / "snapshot-000000000000.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match=r"snapshot-000000000000\.safetensors.*'time' is .*expected a finite "
+                                         r"number > 0.*move it out of the folder"):
+        posthoc.synthesize(tmp_path, 0.07)
