@@ -133,6 +133,9 @@ class TorchFileSource(Source):
 
         for key, value in tree.items():
             name = f"{prefix}{key}"
+            if name in self.entries:                        # {"a.b": t, "a": {"b": u}}, {0: t, "0": u}
+                raise MergeError(f"{self.label}: entry {name!r} is stored twice (under two keys that flatten to "
+                                 f"one name); a merge would keep one of them: rename one in the checkpoint")
             if isinstance(value, dict):
                 self._flatten(value, name + ".")
             elif isinstance(value, torch.Tensor):

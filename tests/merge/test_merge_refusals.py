@@ -43,6 +43,25 @@ def test_a_missing_or_extra_tensor_names_it_and_the_input(tmp_path, fmt):
     refused(tmp_path, paths, r"tensor 'extra' of input 1 .* is not in input 0")
 
 
+@pytest.mark.parametrize("nested, key", [({"layer": {"weight": torch.full((2,), 100.0)}}, "layer.weight"),
+                                         ({0: torch.ones(2)}, "0")], ids=["dotted and nested", "int and str"])
+def test_two_torch_file_keys_that_flatten_to_one_name_are_refused(tmp_path, nested, key):
+    """A torch file whose {"layer.weight": t, "layer": {"weight": u}} (or {0: t, "0": u}) flattened to
+    one name twice: the merge kept the last and dropped the other without a word (safetensors inputs
+    already refuse a name stored twice)."""
+    def twice(state):
+        state[key] = torch.ones(2)
+        state.update(nested)
+    paths = []
+    for i in range(2):
+        state = {"embed.weight": torch.full((3,), float(i))}
+        twice(state)
+        path = str(tmp_path / f"ckpt-{i}.pt")
+        torch.save(state, path)
+        paths.append(path)
+    refused(tmp_path, paths, rf"entry '{key}' is stored twice .*rename one in the checkpoint")
+
+
 def test_a_shape_or_dtype_mismatch_names_the_tensor_and_both_values(tmp_path):
     paths = three(tmp_path / "a", change=lambda s: s.update({"embed.weight": torch.zeros(60, 17)}))
     refused(tmp_path, paths, r"tensor 'embed\.weight' has shape \[60, 17\] in input 1 .* but \[61, 17\] in input 0")
