@@ -111,7 +111,7 @@ def read(path: str) -> dict:
                              f"{VERSION}: upgrade fastema")
         try:
             header = json.loads(meta["ema"])
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, RecursionError) as err:          # (JSON nested past the stack)
             raise ValueError(f"{path!r} has no readable EMA header ({err}); the file is damaged") from err
         if not isinstance(header, dict):
             raise ValueError(f"{path!r} has an EMA header of type {type(header).__name__}; the file is damaged")

@@ -258,7 +258,7 @@ def _decode(store, source: str = "the file", allow: bool = False) -> list[dict]:
         raise bad(f"a header of dtype {raw.dtype} and shape {raw.shape}")
     try:
         header = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:      # (nested past the stack)
         raise bad(f"the header is not JSON: {e}") from None
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise bad("the header names no fastema.keras.WeightEMA format")

@@ -281,7 +281,7 @@ def trainer_step(folder: str, label: str) -> int | None:
         with open_regular(path) as f:           # a FIFO swapped in since isfile(): refused (ValueError)
             step = json.loads(f.read(256 << 20).decode("utf-8")).get("global_step")
         return int(step) if isinstance(step, int) and not isinstance(step, bool) else step_from_name(folder)
-    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError):
         return step_from_name(folder)
 
 

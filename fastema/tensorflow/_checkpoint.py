@@ -65,7 +65,7 @@ def unpack(core, state: bytes, blob: np.ndarray) -> dict:
     fmt = core.format
     try:
         head = json.loads(bytes(state).decode())
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:       # (JSON nested past the stack)
         raise load_refused(f"the {fmt} checkpoint's state is not readable JSON ({err}); restore a checkpoint this "
                            f"EMA's class saved.") from None
     check_header(head, fmt, core.version, "restore a checkpoint a fastema.tensorflow.EMA saved")
