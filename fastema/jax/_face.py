@@ -36,6 +36,7 @@ from ..average import (
     FaceNonFinite,
     document,
 )
+from ..schedules import check_step
 
 __all__ = ["EMA"]
 
@@ -236,13 +237,18 @@ class EMA(Face, FaceMemory, FaceNonFinite):
             raise NotImplementedError("fastema.jax.EMA.update() inside jax.jit runs on the CPU only: on a GPU a "
                                       "host callback would copy every parameter to the host at each step. Call "
                                       "update() on the parameters the jitted step returns.")
-        io_callback(self._from_callback, None, params, jnp.asarray(-1 if step is None else step, jnp.int64
-                                                                   if jax.config.jax_enable_x64 else jnp.int32),  # type: ignore[attr-defined]
-                    ordered=True)
+        if step is not None and not isinstance(step, jax.core.Tracer):
+            check_step(step)                        # eager's refusal of a concrete step, when traced
+        elif step is not None and (jnp.dtype(step.dtype).kind not in "iu" or step.shape != ()):
+            raise ValueError(f"step must be an integer scalar, got a traced {jnp.dtype(step.dtype).name}"
+                             f"{list(step.shape)}; pass the training step as a jnp.int32 scalar")
+        wide = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32  # type: ignore[attr-defined]
+        # "no step" is a flag of its own: a traced step's value, negative too, is eager's to check
+        io_callback(self._from_callback, None, params, jnp.asarray(0 if step is None else step, wide),
+                    jnp.asarray(step is not None), ordered=True)
 
-    def _from_callback(self, params, step) -> None:
-        step = int(step)
-        self.update(params, None if step < 0 else step)
+    def _from_callback(self, params, step, given) -> None:
+        self.update(params, int(step) if bool(given) else None)
 
     def _match(self, params) -> list:
         leaves, treedef = jax.tree_util.tree_flatten(params)

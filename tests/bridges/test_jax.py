@@ -382,6 +382,30 @@ def test_update_inside_jax_jit_equals_the_update_outside(dtype):
     assert int(inside.shadow()["step"]) == 9               # integer leaves: the latest value
 
 
+def test_a_step_eager_refuses_is_refused_inside_jax_jit_too():
+    """Inside jax.jit any step was cast to an int and any negative one read as "no step": 7.9 counted
+    as 7, -1 and a traced -3 as no step (eager refuses each). A concrete step is checked as eager
+    checks it, a traced one must be an integer scalar, and a traced value eager refuses is refused by
+    the update (in the callback); nothing is counted for a refused step."""
+    params = {"w": jnp.zeros(4)}
+    ema = EMA(params, NumUpdates(0.999))
+    ones = {"w": jnp.ones(4)}
+    for step in (-1, 7.9, True):
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            jax.jit(lambda p, s=step: ema.update(p, s))(ones)
+    for bad in (jnp.float32(2.0), jnp.arange(2)):
+        with pytest.raises(ValueError, match="step must be an integer scalar"):
+            jax.jit(lambda p, s: ema.update(p, s))(ones, bad)
+    with pytest.raises(Exception, match="step must be an int >= 0, got -3"):   # (JAX wraps the callback's)
+        jax.jit(lambda p, s: ema.update(p, s))(ones, jnp.int32(-3))
+        jax.effects_barrier()
+    assert ema.updates == 0
+    jax.jit(lambda p, s: ema.update(p, s))(ones, jnp.int32(5))
+    jax.jit(lambda p: ema.update(p))(ones)
+    jax.effects_barrier()
+    assert ema.updates == 2
+
+
 def test_donating_jit_loop_keeps_the_integer_leaves():
     """jax.jit(step, donate_argnums=0) deletes the arrays of the step's input: shadow() used to return the
     deleted integer leaves the last update kept by reference ("Array has been deleted")."""
