@@ -196,7 +196,7 @@ class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
             self._core.update(step, self._rt.read)    # FlatShadow checks dtypes, shapes and devices before any write
             return None
         if step is not None and not isinstance(step, int) and hasattr(step, "numpy"):
-            step = int(step.numpy())                  # a tensor or a variable (optimizer.iterations): a host read
+            step = int(_integer_scalar(step).numpy())  # a tensor or a variable (optimizer.iterations): a host read
         self.plan.next(step)                          # checks step: a bad one raises here, as itself
         self._run(lambda: self._rt.apply(tf.constant(_NO_STEP if step is None else step, tf.int64)))
         return None
@@ -207,7 +207,7 @@ class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
             raise RuntimeError(f"fastema.tensorflow.EMA.update() inside a tf.function runs on the host and reads "
                                f"CPU variables; these are on {devices}. Call ema.update() eagerly after the "
                                f"tf.function step instead.")
-        step = tf.constant(_NO_STEP, tf.int64) if step is None else tf.cast(step, tf.int64)
+        step = tf.constant(_NO_STEP, tf.int64) if step is None else tf.cast(_integer_scalar(step), tf.int64)
         return self._graph_update(step)
 
     def _graph_update(self, step):
@@ -428,7 +428,13 @@ def _unique(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
     for n in names:
-        k = seen.get(n, 0)
-        seen[n] = k + 1
+        k = seen[n] = seen.get(n, -1) + 1
         out.append(n if k == 0 else f"{n}#{k}")
     return out
+
+
+def _integer_scalar(step):
+    """``step`` as a tensor, or ValueError where it is no integer scalar (a float one was truncated)."""
+    if not (step := tf.convert_to_tensor(step)).dtype.is_integer or step.shape.rank != 0:
+        raise ValueError(f"step must be an int or an integer scalar tensor, not a {step.dtype.name}{list(step.shape)}")
+    return step

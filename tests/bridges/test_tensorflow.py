@@ -676,3 +676,24 @@ def test_an_average_that_nan_reached_is_refused_until_repaired_and_restored_only
         expected = np.stack([fresh.variables[fresh.names.index(name)].numpy()] * 2) if name == "b1:0" else saved[name]
         np.testing.assert_array_equal(rows, expected)
     fresh.copy_to()
+
+
+def test_a_step_tensor_that_is_no_integer_scalar_is_refused_eagerly_and_in_a_graph():
+    """A float step tensor was truncated (tf.constant(2.7) updated as step 2, eagerly and in a
+    tf.function, where a Python 2.7 is refused), a bool read as 0 or 1, a vector failed with NumPy's
+    TypeError. Refused as the Python float is; an integer tensor or optimizer.iterations is taken."""
+    w = tf.Variable(tf.ones(4))
+    ema = EMA([w], NumUpdates(0.999))
+
+    @tf.function
+    def traced(step):
+        return ema.update(step)
+
+    for step in (tf.constant(2.7), tf.constant(True), tf.constant([1, 2])):
+        for update in (ema.update, traced):
+            with pytest.raises(ValueError, match=r"step must be an int or an integer scalar tensor, not a "):
+                update(step)
+    assert ema.updates == 0
+    ema.update(tf.constant(3))
+    traced(tf.Variable(4, dtype=tf.int64))
+    assert ema.updates == 2
