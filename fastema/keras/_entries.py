@@ -70,6 +70,7 @@ def _named_state(callback: _Live, entry: dict) -> dict:
         if isinstance(entry.get(g), dict):
             out[g] = {names.get(s, s[5:] if s.startswith("name:") else s): _to_backend(a)
                       for s, a in entry[g].items()}
+    _refuse_other_options(callback.ema._core, out)      # a live load_weights too (it took the file's decay)
     return out
 
 
@@ -183,3 +184,19 @@ def _problems(model, entry: dict, place: int) -> list[str]:
 def _natural(key: str) -> tuple:
     kind, _, i = key.partition("/")
     return (kind, int(i)) if i.isdecimal() else (kind, -1, i)
+
+
+def _refuse_other_options(core, state: dict) -> None:
+    """ValueError naming what a saved average was made with that this callback's EMA was not: its
+    decays (schedules) and shadow dtype, which the EMA's own ``load_state_dict`` takes from the
+    state (a resume from a file must continue the average it holds, with the callback's options)."""
+    mine, saved = [s.state() for s in core.plan.schedules], state.get("schedules")
+    diffs = []
+    if isinstance(saved, list) and len(saved) == len(mine) and saved != mine:   # (a count: EMA's)
+        diffs.append(f"decays {saved} where this callback's are {mine}")
+    dtype = state.get("shadow_dtype")
+    if dtype is not None and str(dtype) != str(core.shadow_dtype):
+        diffs.append(f"a {dtype} shadow where this callback's is {core.shadow_dtype}")
+    if diffs:
+        raise ValueError(f"the WeightEMA average was saved with {' and '.join(diffs)}; give WeightEMA the "
+                         f"options it was saved with. Nothing was loaded")

@@ -134,9 +134,7 @@ class WeightEMA(keras.callbacks.Callback):
             elif from_file is not None:
                 refuse_poisoned(from_file, self.allow_nonfinite)
                 try:
-                    state = _named_state(self, from_file)
-                    _refuse_other_options(ema._core, state)
-                    ema.load_state_dict(state)
+                    ema.load_state_dict(_named_state(self, from_file))     # (its options checked there)
                 except ValueError as e:
                     raise ValueError(f"fastema.keras.WeightEMA: the average saved with this model does not fit this "
                                      f"callback ({e}); give WeightEMA the options the average was saved with (or "
@@ -265,21 +263,6 @@ def _guard_evaluate(callback: WeightEMA) -> None:
 
     evaluate._fastema_callbacks = owners                    # type: ignore[attr-defined]
     object.__setattr__(model, "evaluate", evaluate)         # not through Keras's or torch's attribute tracking
-
-
-def _refuse_other_options(core, state: dict) -> None:
-    """ValueError naming what a saved average was made with that this callback's EMA was not: its
-    decays (schedules) and shadow dtype, which the EMA's own ``load_state_dict`` takes from the
-    state (a resume from a file must continue the average it holds, with the callback's options)."""
-    mine, saved = [s.state() for s in core.plan.schedules], state.get("schedules")
-    diffs = []
-    if isinstance(saved, list) and len(saved) == len(mine) and saved != mine:   # (a count: EMA's)
-        diffs.append(f"decays {saved} where this callback's are {mine}")
-    dtype = state.get("shadow_dtype")
-    if dtype is not None and str(dtype) != str(core.shadow_dtype):
-        diffs.append(f"a {dtype} shadow where this callback's is {core.shadow_dtype}")
-    if diffs:
-        raise ValueError(f"it was saved with {' and '.join(diffs)}")
 
 
 def _swap_back(callback: WeightEMA) -> None:

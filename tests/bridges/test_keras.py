@@ -1096,6 +1096,30 @@ def test_a_refused_load_weights_leaves_the_weights_as_they_were(tmp_path):
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, dst.weights))
 
 
+def test_load_weights_into_a_live_callback_of_another_decay_is_refused_with_nothing_changed(tmp_path):
+    """model.load_weights of a file saved with WeightEMA(decay=0.9) into a model whose live callback is
+    WeightEMA(decay=0.5) took the file's decay into the callback without a word (a resume at fit start
+    refuses it). Refused, naming both, before anything of the callback changes; a file of its own decay
+    loads."""
+    x, y = data(32)
+    src = make_model(batchnorm=False)
+    src.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[WeightEMA(decay=0.9)])
+    path = str(tmp_path / "m.weights.h5")
+    src.save_weights(path)
+    dst = make_model(batchnorm=False)
+    cb = WeightEMA(decay=0.5)
+    dst.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    before = cb.ema.state_dict()
+    with pytest.raises(ValueError, match=r"saved with decays .*0\.9.* where this callback's are .*0\.5"):
+        dst.load_weights(path)
+    assert cb.ema.decay == 0.5 and cb.ema.state_dict()["calls"] == before["calls"]
+    same = make_model(batchnorm=False)
+    mine = WeightEMA(decay=0.9)
+    same.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[mine])
+    same.load_weights(path)
+    assert mine.ema.decay == 0.9
+
+
 FROZEN_SINCE = r"""
 import json, warnings
 warnings.simplefilter("ignore")
