@@ -33,9 +33,19 @@ def framework_of(x) -> str | None:
     return _FRAMEWORKS.get(type(x).__module__.partition(".")[0])
 
 
+def _traced(x) -> bool:
+    import jax  # (loaded: x is one of its arrays)
+
+    return isinstance(x, jax.core.Tracer)
+
+
 def _from_dlpack(x, what: str, framework: str):
     if framework == "tensorflow":
         _numbers_only(x, what)
+    if framework == "jax" and _traced(x):
+        raise TypeError(f"{what} is a traced JAX array (inside jax.jit or another transformation), which has no "
+                        f"values to read yet: use fastema.jax.ema() inside jit, or fastema.jax.EMA's update() "
+                        f"(it runs inside jit on the CPU), or call this function on the arrays jit returns")
     if framework == "jax" and callable(getattr(x, "is_deleted", None)) and x.is_deleted():
         raise ValueError(f"{what} is a deleted JAX array (donated to a jitted function, or deleted): pass "
                          f"the array that function returned")

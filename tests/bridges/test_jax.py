@@ -341,6 +341,16 @@ def test_a_deleted_jax_array_is_refused_by_name():
     np.testing.assert_array_equal(shadow, np.zeros(3))
 
 
+def test_a_traced_jax_array_given_to_an_array_function_is_refused_by_name():
+    """fastema.ema_update_ called inside jax.jit on a traced array raised JAX's own
+    ConcretizationTypeError from fastema's code (is_deleted() on a tracer): said, with the roads that
+    work inside jit."""
+    shadow = np.zeros(3, np.float32)
+    with pytest.raises(TypeError, match=r"src is a traced JAX array .*fastema\.jax\.ema\(\) inside jit"):
+        jax.jit(lambda x: fastema.ema_update_(shadow, x, 0.5))(jnp.ones(3))
+    np.testing.assert_array_equal(shadow, np.zeros(3))
+
+
 def test_float64_leaves_are_averaged_and_complex_leaves_refused():
     # reliability L5: float64 and complex leaves were carried as their latest value
     with enable_x64(True):
