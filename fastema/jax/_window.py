@@ -35,7 +35,8 @@ class WindowState(NamedTuple):
 
 
 def _is_float(x) -> bool:
-    return jnp.dtype(x.dtype).name in _FLOATS
+    """(a Python number leaf too: its JAX dtype; x.dtype raised a bare AttributeError)"""
+    return jnp.dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype).name in _FLOATS
 
 
 class WindowTransform:

@@ -280,6 +280,20 @@ def test_a_leaf_of_another_kind_or_a_kept_leaf_of_another_shape_is_refused_by_em
     assert avg.average(kept)["w"].shape == (3,)
 
 
+@pytest.mark.parametrize("make", [lambda: fj.ema(0.9), lambda: fj.window(2), lambda: fj.ema(0.9, skip_nonfinite=True)],
+                         ids=["ema", "window", "ema skip_nonfinite"])
+def test_python_number_leaves_are_averaged_and_kept_as_jax_numbers(make):
+    """A Python float or int leaf (a learning-rate scale kept in the params tree, say) raised a bare
+    AttributeError ('float' object has no attribute 'dtype') at init and update: taken as JAX takes
+    them, a float averaged, an int kept."""
+    avg = make()
+    state = avg.update(avg.init({"w": 1.0, "i": 3}), {"w": 2.0, "i": 4})
+    out = avg.average(state)
+    want = 1.1 if "window" not in repr(type(avg)).lower() else 1.5
+    np.testing.assert_allclose(float(out["w"]), want, rtol=1e-6)
+    assert int(out["i"]) == 4
+
+
 def test_shadow_dtype_takes_the_list_of_fastema_jax_EMA_and_refuses_others_by_name():
     """J15: ``shadow_dtype="int8"`` (bool, complex64, float8) averaged garbage (0.3 -> 0.7 gave 0.0),
     and an unknown name failed at init with NumPy's message. fastema.jax.EMA's list, refused at
