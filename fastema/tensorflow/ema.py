@@ -350,7 +350,7 @@ class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
         """TensorFlow's checkpoint hook: the ``state`` JSON and the ``shadow`` bytes
         (:mod:`fastema.tensorflow._checkpoint`), read when the checkpoint is written."""
         if tf.executing_eagerly():
-            self._not_swapped("saving a checkpoint")
+            self._not_swapped("saving or restoring a checkpoint")   # (a restore asks this first too)
             state, blob = _checkpoint.pack(self._core)
             with tf.device("/cpu:0"):
                 return {_checkpoint.STATE: tf.constant(state), _checkpoint.SHADOW: tf.constant(blob)}
