@@ -298,16 +298,18 @@ class EmaTransform:
     def _seen(self, treedef, leaves) -> None:
         """Remember the parameters' dtypes of this structure (what :meth:`average` rounds back to):
         static facts of the trace, kept here rather than as arrays in the state (an array the step
-        passes through unchanged costs XLA a copy per leaf under donation)."""
-        self._dtypes[treedef] = [jnp.dtype(getattr(x, "dtype", None) or jnp.asarray(x).dtype) for x in leaves]
+        passes through unchanged costs XLA a copy per leaf under donation). Parameters of this structure
+        seen in other dtypes (two models through one transform, or a cast) leave it unknown: ``like=``."""
+        dtypes = [jnp.dtype(getattr(x, "dtype", None) or jnp.asarray(x).dtype) for x in leaves]
+        self._dtypes[treedef] = dtypes if self._dtypes.get(treedef, dtypes) == dtypes else None
 
     def average(self, state: EmaState, row: int = 0, like=None):
         """Average ``row`` as a pytree like ``params``, in the parameters' dtypes (rounded to
         nearest); other leaves as at the last update. BEMA shows one average, its output (row 0).
 
         ``like``: a pytree of the parameters (arrays or ``jax.ShapeDtypeStruct``) giving the dtypes;
-        by default those of the parameters this average's ``init``/``update`` last saw with this
-        structure (give ``like`` for a state restored in a fresh process)."""
+        by default those of the parameters this average's ``init``/``update`` saw with this structure
+        (give ``like`` for a state restored in a fresh process, or where it saw several)."""
         shown = len(self.schedules)
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < shown:
             raise IndexError(f"row must be an int in [0, {shown}) (one per average), got {row!r}")
@@ -317,11 +319,12 @@ class EmaTransform:
             if cast(Any, like_def) != treedef:
                 raise ValueError(f"like= has the structure {like_def}, the state {treedef}")
             dtypes = [jnp.dtype(x.dtype) for x in like_leaves]
-        elif treedef in self._dtypes:
+        elif self._dtypes.get(treedef) is not None:
             dtypes = self._dtypes[treedef]
         else:
             raise ValueError("this average has not seen parameters of the state's structure (a state restored "
-                             "in a fresh process): pass like=params (or their jax.ShapeDtypeStructs)")
+                             "in a fresh process), or has seen them in several dtypes (two models of one "
+                             "structure, or a cast): pass like=params (or their jax.ShapeDtypeStructs)")
         out = [s[row].astype(d) if d.name in _FLOATS else s for s, d in zip(leaves, dtypes)]
         return jax.tree_util.tree_unflatten(treedef, out)
 

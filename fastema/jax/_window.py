@@ -74,7 +74,7 @@ class WindowTransform:
                              else first)
             else:
                 rings.append(jnp.array(x, copy=True))
-        self._dtypes[treedef] = [jnp.dtype(jnp.asarray(x).dtype) for x in leaves]
+        self._seen(treedef, leaves)
         return WindowState(jax.tree_util.tree_unflatten(treedef, rings), jnp.zeros((), jnp.int32),
                            jnp.ones((), jnp.int32))
 
@@ -107,9 +107,14 @@ class WindowTransform:
                 if self.every > 1:
                     value = jnp.where(due, value, lax.dynamic_slice_in_dim(ring, slot, 1, axis=0))
                 out.append(lax.dynamic_update_slice_in_dim(ring, value, slot, axis=0))
-        self._dtypes[treedef] = [jnp.dtype(jnp.asarray(x).dtype) for x in leaves]
+        self._seen(treedef, leaves)
         return WindowState(jax.tree_util.tree_unflatten(treedef, out), state.calls + 1,
                            jnp.where(due, n, state.snapshots))
+
+    def _seen(self, treedef, leaves) -> None:
+        """As :meth:`fastema.jax.EmaTransform._seen`: the dtypes, or None where several were seen."""
+        dtypes = [jnp.dtype(jnp.asarray(x).dtype) for x in leaves]
+        self._dtypes[treedef] = dtypes if self._dtypes.get(treedef, dtypes) == dtypes else None
 
     def average(self, state: WindowState, like=None):
         """The mean of the snapshots in the window, in the parameters' dtypes (rounded to nearest);
@@ -117,10 +122,11 @@ class WindowTransform:
         leaves, treedef = jax.tree_util.tree_flatten(state.rings)
         if like is not None:
             dtypes = [jnp.dtype(x.dtype) for x in jax.tree_util.tree_leaves(like)]
-        elif treedef in self._dtypes:
+        elif self._dtypes.get(treedef) is not None:
             dtypes = self._dtypes[treedef]
         else:
-            raise ValueError("this window has not seen parameters of the state's structure: pass like=params")
+            raise ValueError("this window has not seen parameters of the state's structure, or has seen them in "
+                             "several dtypes: pass like=params")
         out = []
         for ring, d in zip(leaves, dtypes):
             if d.name not in _FLOATS:

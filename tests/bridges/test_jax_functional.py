@@ -294,6 +294,21 @@ def test_python_number_leaves_are_averaged_and_kept_as_jax_numbers(make):
     assert int(out["i"]) == 4
 
 
+@pytest.mark.parametrize("make", [lambda: fj.ema(0.9), lambda: fj.window(2)], ids=["ema", "window"])
+def test_average_refuses_to_guess_dtypes_where_two_models_of_one_structure_were_seen(make):
+    """One transform, two models of one structure: average() of the float32 model's state came back in
+    the bfloat16 model's dtype (0.33333334 read as 0.333984), the dtypes kept per structure being the
+    last seen. Where several were seen it asks for like=; with it, each state reads in its own."""
+    avg = make()
+    s32 = avg.init({"w": jnp.full(3, 1 / 3, jnp.float32)})
+    assert avg.average(s32)["w"].dtype == jnp.float32
+    avg.init({"w": jnp.ones(3, jnp.bfloat16)})
+    with pytest.raises(ValueError, match="several dtypes.*pass like=params"):
+        avg.average(s32)
+    got = avg.average(s32, like={"w": jax.ShapeDtypeStruct((3,), jnp.float32)})["w"]
+    assert got.dtype == jnp.float32 and float(got[0]) == np.float32(1 / 3)
+
+
 def test_shadow_dtype_takes_the_list_of_fastema_jax_EMA_and_refuses_others_by_name():
     """J15: ``shadow_dtype="int8"`` (bool, complex64, float8) averaged garbage (0.3 -> 0.7 gave 0.0),
     and an unknown name failed at init with NumPy's message. fastema.jax.EMA's list, refused at
