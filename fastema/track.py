@@ -174,10 +174,18 @@ class Tracker:
         return {"names": list(self.names), "every": self.every, "smoother": self.smoother.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or "smoother" not in state:
-            raise ValueError("not a fastema.Tracker state dict")
-        if list(state["names"]) != list(self.names):
-            raise ValueError(f"checkpoint tracker follows {state['names']}, this one {list(self.names)}")
+        """Restore :meth:`state_dict`: refused (ValueError naming what differs, nothing changed) where it
+        is no Tracker's or follows other names or another ``every``."""
+        if not isinstance(state, dict) or not {"names", "every", "smoother"} <= set(state):
+            raise ValueError("not a fastema.Tracker state dict (names, every and smoother): pass what "
+                             "Tracker.state_dict() returned")
+        names = state["names"]
+        if not isinstance(names, (list, tuple)) or list(names) != list(self.names):
+            raise ValueError(f"checkpoint tracker follows {names!r}, this one {list(self.names)}: make the Tracker "
+                             f"with the names it was saved with")
+        if state["every"] != self.every:
+            raise ValueError(f"checkpoint tracker reports every {state['every']!r} steps, this one every "
+                             f"{self.every!r}: make the Tracker with every={state['every']!r}")
         self.smoother.load_state_dict(state["smoother"])
 
     def __repr__(self) -> str:
