@@ -132,7 +132,7 @@ def _one_save(files: list) -> None:
             try:
                 d = json.loads(h)
                 return f"calls={d.get('calls')!r}, split_id={d.get('split_id')!r}"
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, AttributeError, RecursionError):     # (no dict; nested past the stack)
                 return "no readable header"
         raise load_refused(f"EMACallback: the per-rank files {[os.path.basename(p) for p in files]} are not of one "
                            f"save ({os.path.basename(files[0])}: {said(heads[0])}; {os.path.basename(odd[0])}: "
@@ -148,7 +148,7 @@ def _ranges(f, path: str) -> dict | None:
         return None
     try:
         ranges = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         ranges = None
     if not isinstance(ranges, dict) or not all(
             isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v) for v in ranges.values()):

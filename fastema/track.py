@@ -175,7 +175,7 @@ class Tracker:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`: refused (ValueError naming what differs, nothing changed) where it
-        is no Tracker's or follows other names or another ``every``."""
+        is no Tracker's or follows other names (``every``, how often values are read, may differ)."""
         if not isinstance(state, dict) or not {"names", "every", "smoother"} <= set(state):
             raise ValueError("not a fastema.Tracker state dict (names, every and smoother): pass what "
                              "Tracker.state_dict() returned")
@@ -183,9 +183,6 @@ class Tracker:
         if not isinstance(names, (list, tuple)) or list(names) != list(self.names):
             raise ValueError(f"checkpoint tracker follows {names!r}, this one {list(self.names)}: make the Tracker "
                              f"with the names it was saved with")
-        if state["every"] != self.every:
-            raise ValueError(f"checkpoint tracker reports every {state['every']!r} steps, this one every "
-                             f"{self.every!r}: make the Tracker with every={state['every']!r}")
         self.smoother.load_state_dict(state["smoother"])
 
     def __repr__(self) -> str:

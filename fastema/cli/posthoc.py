@@ -17,6 +17,7 @@ import tempfile
 
 from .._io.files import atomic_write
 from ..posthoc import MAX_ERROR, plot_profiles, pyplot, synthesize
+from ..posthoc._folder import SUPERSEDED
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 from . import Parser, image_path, number, parse, writable
 
@@ -52,9 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="draw the stored and synthesised profiles to this image file; .png is added "
                                        "when it has no extension (default: none)")
     parser.add_argument("--max-error", type=number(lambda v: v >= 0, "a number >= 0 (inf: any)"),
-                        default=MAX_ERROR,
-                        help="refuse a target the snapshots represent worse than this relative L2 error, >= 0 "
-                             "(default: %(default)s)")
+                        help=f"refuse a target the snapshots represent worse than this relative L2 error, >= 0 "
+                             f"(default: {MAX_ERROR}); a plot without --out draws up to 1 unless given, to show "
+                             f"how far off a target is")
     args = parse(parser, argv)
     if isinstance(args, int):
         return args
@@ -71,14 +72,14 @@ def main(argv=None) -> int:
                 writable(option, path, "ema.safetensors" if option == "--out" else "profiles.png")
                 _outside(option, path, args.directory)
                 _probe(option, path)
-        if args.out is not None and plot is not None and os.path.realpath(args.out) == os.path.realpath(plot):
+        if args.out is not None and plot is not None and _written_at(args.out) == _written_at(plot):
             raise ValueError(f"--out and --plot name one file ({plot!r}): the image would replace the weights; "
                              f"give each its own name")
         if plot is not None:
             pyplot()                               # matplotlib, before anything is written
         if args.out is not None:
             weights = synthesize(args.directory, args.sigma_rel, gamma=args.gamma, time=args.time,
-                                 max_error=args.max_error)
+                                 max_error=MAX_ERROR if args.max_error is None else args.max_error)
             try:
                 _write(args.out, weights)
             except OSError as err:
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}: sigma_rel={sol.sigma_rel:.4f} (gamma={sol.gamma:.3f}) at time {sol.time:g}, "
                   f"{len(weights)} tensors, relative error {sol.error:.3g}, condition {sol.condition:.3g}")
         if plot is not None:
-            plot_profiles(args.directory, sigma, plot, time=args.time, max_error=args.max_error)
+            limit = args.max_error if args.max_error is not None else MAX_ERROR if args.out is not None else 1.0
+            plot_profiles(args.directory, sigma, plot, time=args.time, max_error=limit)
             print(f"wrote {plot}")
     except (ValueError, OSError, ImportError, MemoryError) as err:  # FileNotFoundError, SnapshotError: OSErrors
         print(f"error: {_one_line(err)}", file=sys.stderr)
@@ -107,13 +109,21 @@ def _usage(parser: Parser, message: str) -> int:
     return 2
 
 
+def _written_at(path: str) -> str:
+    """Where a write to ``path`` lands: its folder's links resolved, not a final link's (the write
+    replaces the link itself)."""
+    return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
 def _outside(option: str, path: str, directory: str) -> None:
-    """Refuse (ValueError naming the option) an output inside the snapshot folder, links resolved: it
-    could replace a snapshot or the run's claim file (a run's folder holds its snapshots alone)."""
-    real, folder = os.path.realpath(path), os.path.realpath(directory)
-    if os.path.commonpath([real, folder]) == folder:
-        raise ValueError(f"{option} {path!r} lies inside the snapshot folder {directory!r}, which holds the run's "
-                         f"snapshots alone (writing there could replace one); write outside it")
+    """Refuse (ValueError naming the option) an output that would replace what the run keeps in its
+    folder: a snapshot, the claim file, a superseded folder's (other files there are not the run's)."""
+    real, folder = _written_at(path), os.path.realpath(directory)
+    if os.path.commonpath([real, folder]) == folder and real != folder:
+        first = os.path.relpath(real, folder).split(os.sep)[0]
+        if first.startswith(("snapshot-", ".fastema-", SUPERSEDED)):
+            raise ValueError(f"{option} {path!r} would replace the run's {first!r} in the snapshot folder "
+                             f"{directory!r}; write under another name")
 
 
 def _probe(option: str, path: str) -> None:

@@ -65,6 +65,16 @@ def _is_float(x) -> bool:
     return jnp.dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype).name in _FLOATS
 
 
+def _agreed(held, leaves) -> list | None:
+    """The dtypes of ``leaves`` as JAX holds them (a NumPy float64 leaf is float32 without x64), where
+    ``held`` (the ones seen before: None where they disagreed, empty where none were) has the same
+    float ones; else None (the kept leaves are not rounded: theirs may differ)."""
+    dtypes = [jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype) for x in leaves]
+    if held is None or held and any((a.name in _FLOATS or b.name in _FLOATS) and a != b for a, b in zip(held, dtypes)):
+        return None
+    return dtypes
+
+
 def _kind(x) -> str:
     """What a leaf is to the average: ``"float"`` (averaged), else its dtype's kind (kept)."""
     dtype = jnp.dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)
@@ -300,8 +310,7 @@ class EmaTransform:
         static facts of the trace, kept here rather than as arrays in the state (an array the step
         passes through unchanged costs XLA a copy per leaf under donation). Parameters of this structure
         seen in other dtypes (two models through one transform, or a cast) leave it unknown: ``like=``."""
-        dtypes = [jnp.dtype(getattr(x, "dtype", None) or jnp.asarray(x).dtype) for x in leaves]
-        self._dtypes[treedef] = dtypes if self._dtypes.get(treedef, dtypes) == dtypes else None
+        self._dtypes[treedef] = _agreed(self._dtypes.get(treedef, ()), leaves)
 
     def average(self, state: EmaState, row: int = 0, like=None):
         """Average ``row`` as a pytree like ``params``, in the parameters' dtypes (rounded to
@@ -324,7 +333,8 @@ class EmaTransform:
         else:
             raise ValueError("this average has not seen parameters of the state's structure (a state restored "
                              "in a fresh process), or has seen them in several dtypes (two models of one "
-                             "structure, or a cast): pass like=params (or their jax.ShapeDtypeStructs)")
+                             "structure, or a cast): pass like=params (or their jax.ShapeDtypeStructs), or use a "
+                             "transform per model")
         out = [s[row].astype(d) if d.name in _FLOATS else s for s, d in zip(leaves, dtypes)]
         return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._functional import EmaTransform
+from ._functional import EmaTransform, _agreed
 
 __all__ = ["WindowState", "WindowTransform", "window"]
 
@@ -113,8 +113,7 @@ class WindowTransform:
 
     def _seen(self, treedef, leaves) -> None:
         """As :meth:`fastema.jax.EmaTransform._seen`: the dtypes, or None where several were seen."""
-        dtypes = [jnp.dtype(jnp.asarray(x).dtype) for x in leaves]
-        self._dtypes[treedef] = dtypes if self._dtypes.get(treedef, dtypes) == dtypes else None
+        self._dtypes[treedef] = _agreed(self._dtypes.get(treedef, ()), leaves)
 
     def average(self, state: WindowState, like=None):
         """The mean of the snapshots in the window, in the parameters' dtypes (rounded to nearest);

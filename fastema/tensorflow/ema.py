@@ -17,15 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._backends import to_host
-from ..average import (
-    HOST_ONLY_REFUSALS,
-    Average,
-    EMAOptions,
-    Face,
-    FaceMemory,
-    FaceNonFinite,
-    ModelSwap,
-)
+from ..average import HOST_ONLY_REFUSALS, Average, EMAOptions, Face, FaceMemory, FaceNonFinite, ModelSwap
 from . import _checkpoint
 
 __all__ = ["EMA", "REFUSED"]
@@ -220,6 +212,8 @@ class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
     def _host_update(self, step, *arrays) -> np.int64:
         """The graph op's body: the arrays are the variables' buffers (no copy on the CPU)."""
         try:
+            if np.ndim(step) != 0:                  # a step of unknown rank, traced: its value's
+                raise ValueError(f"step must be an int or an integer scalar tensor, not one of shape {np.shape(step)}")
             n = int(step)
             # a 0-d variable comes as a NumPy scalar, whose __array_interface__ is a temporary's (freed
             # at once): every source as an ndarray, kept by the shadow (adopt) until the next update
@@ -413,9 +407,8 @@ def _eager(what: str) -> None:
     """Refuse ``what`` inside a ``tf.function``: it would read the average once, when traced."""
     _no_tf1_graph(f"fastema.tensorflow.EMA.{what}")
     if not tf.executing_eagerly():
-        raise RuntimeError(f"fastema.tensorflow.EMA.{what} runs eagerly: inside a tf.function it would use the average "
-                           f"of the moment it is traced at every call. Call it outside the tf.function (update() is "
-                           f"the one that works inside)")
+        raise RuntimeError(f"fastema.tensorflow.EMA.{what} runs eagerly (in a tf.function it would use the average "
+                           f"as traced at every call): call it outside the tf.function; update() works inside")
 
 
 def _plain(module: tf.Module, **attributes) -> None:
@@ -435,6 +428,6 @@ def _unique(names: list[str]) -> list[str]:
 
 def _integer_scalar(step):
     """``step`` as a tensor, or ValueError where it is no integer scalar (a float one was truncated)."""
-    if not (step := tf.convert_to_tensor(step)).dtype.is_integer or step.shape.rank != 0:
-        raise ValueError(f"step must be an int or an integer scalar tensor, not a {step.dtype.name}{list(step.shape)}")
-    return step
+    if not (step := tf.convert_to_tensor(step)).dtype.is_integer or step.shape.rank not in (0, None):
+        raise ValueError(f"step must be an int or an integer scalar tensor, not a {step.dtype.name} {step.shape}")
+    return step                                  # (of unknown rank: the graph op checks its value)

@@ -307,6 +307,10 @@ def test_average_refuses_to_guess_dtypes_where_two_models_of_one_structure_were_
         avg.average(s32)
     got = avg.average(s32, like={"w": jax.ShapeDtypeStruct((3,), jnp.float32)})["w"]
     assert got.dtype == jnp.float32 and float(got[0]) == np.float32(1 / 3)
+    fresh = make()                                      # NumPy leaves at init, JAX's in the jitted step:
+    state = jax.jit(fresh.update)(fresh.init({"w": np.zeros(3), "c": np.int64(0)}),     # one dtype as JAX
+                                  {"w": jnp.ones(3), "c": jnp.int32(1)})                # holds them
+    assert fresh.average(state)["w"].dtype == jnp.float32
 
 
 def test_shadow_dtype_takes_the_list_of_fastema_jax_EMA_and_refuses_others_by_name():

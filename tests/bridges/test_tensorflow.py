@@ -697,3 +697,8 @@ def test_a_step_tensor_that_is_no_integer_scalar_is_refused_eagerly_and_in_a_gra
     ema.update(tf.constant(3))
     traced(tf.Variable(4, dtype=tf.int64))
     assert ema.updates == 2
+    unknown = tf.function(lambda s: ema.update(s), input_signature=[tf.TensorSpec(None, tf.int64)])
+    unknown(tf.constant(5, tf.int64))                   # a scalar of unknown rank when traced: taken
+    with pytest.raises(Exception, match="step must be an int or an integer scalar tensor"):
+        unknown(tf.constant([6, 7], tf.int64))          # its value's rank, checked by the op
+    assert ema.updates == 3

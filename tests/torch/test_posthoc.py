@@ -565,20 +565,24 @@ def test_command_line_refuses_bad_arguments_in_one_line(snaps, tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("where", ["the last snapshot", "the claim file", "a new file", "the plot"])
-def test_command_line_never_writes_inside_the_snapshot_folder(snaps, tmp_path, capsys, where):
+@pytest.mark.parametrize("where", ["the last snapshot", "the claim file", "a superseded folder's"])
+def test_command_line_never_writes_over_what_the_run_keeps_in_its_folder(snaps, tmp_path, capsys, where):
     """--out over the run's last snapshot replaced it with plain weights (the folder unreadable from
-    then on), over .fastema-run the run's claim; nothing is written inside the folder now."""
+    then on), over .fastema-run the run's claim: refused, nothing written. Another name in the folder
+    (a plot beside the snapshots, as the guide's example puts it) is not the run's and is taken."""
     names = sorted(p.name for p in snaps.iterdir())
     target = {"the last snapshot": snaps / [n for n in names if n.startswith("snapshot-")][-1],
-              "the claim file": snaps / ".fastema-run", "a new file": snaps / "ema.safetensors",
-              "the plot": snaps / "p.png"}[where]
-    option = "--plot" if where == "the plot" else "--out"
+              "the claim file": snaps / ".fastema-run",
+              "a superseded folder's": snaps / "superseded-000000000010" / "x.safetensors"}[where]
+    target.parent.mkdir(exist_ok=True)
     before = {p.name: p.read_bytes() for p in snaps.iterdir() if p.is_file()}
-    rc, out, err = run_cli(capsys, snaps, "--sigma-rel", "0.07", option, target)
+    rc, out, err = run_cli(capsys, snaps, "--sigma-rel", "0.07", "--out", target)
     assert rc == 1 and not out
-    one_line(err, option, "inside the snapshot folder")
+    one_line(err, "--out", "would replace the run's")
     assert {p.name: p.read_bytes() for p in snaps.iterdir() if p.is_file()} == before
+    rc, out, err = run_cli(capsys, snaps, "--sigma-rel", "0.07", "--out", snaps / "ema.safetensors")
+    assert rc == 0, err
+    assert posthoc.synthesize(snaps, 0.07)                  # the folder still reads
 
 
 def test_command_line_out_and_plot_of_one_file_or_a_plot_past_max_error_write_nothing(snaps, tmp_path, capsys):
