@@ -16,8 +16,7 @@ import sys
 import tempfile
 
 from .._io.files import atomic_write
-from ..posthoc import MAX_ERROR, plot_profiles, pyplot, synthesize
-from ..posthoc._folder import SUPERSEDED
+from ..posthoc import MAX_ERROR, plot_profiles, pyplot, run_owns, synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 from . import Parser, image_path, number, parse, writable
 
@@ -121,7 +120,7 @@ def _outside(option: str, path: str, directory: str) -> None:
     real, folder = _written_at(path), os.path.realpath(directory)
     if os.path.commonpath([real, folder]) == folder and real != folder:
         first = os.path.relpath(real, folder).split(os.sep)[0]
-        if first.startswith(("snapshot-", ".fastema-", SUPERSEDED)):
+        if run_owns(first):
             raise ValueError(f"{option} {path!r} would replace the run's {first!r} in the snapshot folder "
                              f"{directory!r}; write under another name")
 

@@ -24,12 +24,12 @@ synthesised (safetensors files are read by fastema's own reader: ``pread`` from 
 open, never a memory map, so a snapshot truncated while it is read is a ValueError naming it).
 """
 # Not in __all__: atomic_write and the sigma_rel maths (importable here before 0.2), VERSION,
-# LEGACY_RUN_ID; what the faces' writers and fastema.merge's reader call (check_folder, write_snapshot,
+# LEGACY_RUN_ID; what the faces' writers and fastema.merge's reader call (check_folder, run_owns, write_snapshot,
 # add_kept, valid_run_id, the tensor keys, snapshot_at, tensor_reader; SynthesisPlan, PostHocEMA.iter_weights'
 # synthesis; pyplot, matplotlib asked for before the command line writes).
 from .._io.files import atomic_write  # noqa: F401
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma  # noqa: F401
-from ._folder import check_folder  # noqa: F401
+from ._folder import check_folder, run_owns  # noqa: F401
 from ._plot import plot_profiles, pyplot  # noqa: F401
 from ._profiles import MAX_ERROR, Solution, profile, profile_dot, solve
 from ._snapshots import (  # noqa: F401

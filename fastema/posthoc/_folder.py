@@ -44,13 +44,21 @@ from .._io.safe_files import few, first_line, open_regular
 from ._meta import same_run, stamp, valid_run_id
 from ._snapshots import snapshot_at
 
-__all__ = ["CLAIM", "SUPERSEDED", "check_folder"]
+__all__ = ["CLAIM", "SUPERSEDED", "check_folder", "run_owns"]
 
 #: The file in a snapshot folder that names the run writing there.
 CLAIM = ".fastema-run"
+
 #: The prefix of the subfolders that keep the snapshots a resumed run superseded.
 SUPERSEDED = "superseded-"
 _MAX_CLAIM = 4096
+
+
+def run_owns(name: str) -> bool:
+    """Whether ``name`` (an entry of a run's folder) is the run's own: a snapshot, its claim or a
+    temporary of fastema's (``.fastema-*``), a folder of superseded snapshots. Other names are not
+    read (``python -m fastema posthoc`` writes beside the snapshots under them only)."""
+    return name.startswith(("snapshot-", ".fastema-", SUPERSEDED))
 
 
 def check_folder(directory: str, run_id: str, time: float, seen: dict | None = None, *,
