@@ -102,6 +102,6 @@ def lands_as_saved(what: str, value: torch.Tensor, dtype: torch.dtype) -> str | 
         if lo < info.min or hi > info.max:
             held = lo if lo == hi else f"{lo}..{hi}"
             return f"{what} holds {held}, outside {str(dtype).replace('torch.', '')}'s range (it would wrap)"
-    elif bool(torch.isfinite(value).all()) and not lands_finite(value, dtype):
+    elif not lands_finite(value[torch.isfinite(value)], dtype):   # (its own inf and NaN land as they are)
         return f"{what} holds values beyond {str(dtype).replace('torch.', '')}'s range (they would load as inf)"
     return None

@@ -51,6 +51,7 @@ def _counting(idt, fdt):
     (2 ** 40 + 7, 2.0, r"int_buffers 'count' holds 1099511627783, outside int32's range \(it would wrap\)"),
     (-1, 2.0, r"int_buffers 'count' holds -1, outside uint8's range"),
     (5, 1e300, r"copied 'stat' holds values beyond float16's range \(they would load as inf\)"),
+    (5, [float("nan"), 1e300], r"copied 'stat' holds values beyond float16's range"),    # its NaN aside
 ])
 def test_a_buffer_that_would_not_land_as_saved_is_refused_with_nothing_written(count, stat, named):
     """Integer and copied buffers were checked for their dtype's kind only: an int64 count of 2**40 + 7
@@ -59,7 +60,7 @@ def test_a_buffer_that_would_not_land_as_saved_is_refused_with_nothing_written(c
     src = _counting(torch.int64, torch.float64)
     saved = EMA(src, 0.9, copy=["stat"])
     src.count.fill_(count)
-    src.stat.fill_(stat)
+    src.stat.copy_(torch.tensor(stat, dtype=torch.float64).expand(2))
     saved.update()
     dst = _counting(torch.uint8 if count < 0 else torch.int32, torch.float16)
     ema = EMA(dst, 0.9, copy=["stat"])
