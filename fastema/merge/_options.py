@@ -188,7 +188,9 @@ class MergeOptions:
         False, _flag("allow_negative"), "accept negative weights (extrapolation; sigma_rel: often needs them)",
         default_text="refused", flag={"action": "store_true"})
     stochastic_rounding: bool = _option(
-        False, _flag("stochastic_rounding"), "round bfloat16 outputs stochastically, reproducibly from {seed}",
+        False, _flag("stochastic_rounding"),
+        "round bfloat16 outputs stochastically, reproducibly from {seed} (refused where no averaged tensor is "
+        "written as bfloat16)",
         default_text="to nearest even", flag={"action": "store_true"})
     seed: int = _option(
         0, _seed, f"the seed of {{stochastic_rounding}} and of __scramble, an integer in [0, {SEED_MAX}]",
@@ -222,7 +224,8 @@ class MergeOptions:
         "while it is mapped (a trainer rewriting a checkpoint in place) can kill the merge with SIGBUS, leaving "
         "its temporary folder behind: only for inputs nothing else writes", flag={"choices": _READS})
     max_error: float | None = _option(
-        None, _max_error, "the largest relative L2 error of sigma_rel: weights", default_text="0.05",
+        None, _max_error, "the largest relative L2 error of sigma_rel: weights (refused with other weights)",
+        default_text="0.05",
         parse=_number)
 
     def __post_init__(self):

@@ -127,6 +127,9 @@ def make_plan(sources: list, options, readers: int | None = None) -> Plan:
         written += nbytes
     if not any(it.action == "average" for it in items):
         raise MergeError("nothing to average: no floating tensor of the inputs is selected (check only= / exclude=)")
+    if options.stochastic_rounding and not any(it.action == "average" and it.out_dtype == "bfloat16" for it in items):
+        raise MergeError("stochastic_rounding rounds bfloat16 outputs, and no averaged tensor is written as bfloat16 "
+                         "here: drop it, or pass dtype='bfloat16'")
     return Plan(items, src_index, read, written)
 
 

@@ -139,6 +139,8 @@ def merge_weights(style, count: int, *, steps: Sequence[float] | None = None, se
         raise ValueError(f"count must be an int >= 1 (the number of inputs), got {count!r}")
     kind, arg = parse_style(style)
     name = style if isinstance(style, str) else ",".join(f"{v:g}" for v in arg)
+    if max_error is not None and kind != "sigma_rel":
+        raise ValueError(f"max_error bounds the fit of sigma_rel: weights, and weights {name!r} fit nothing: drop it")
     if kind == "uniform":
         raw, formula = [1.0] * count, f"uniform: 1/{count} each"
     elif kind == "megatron":

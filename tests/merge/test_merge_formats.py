@@ -132,6 +132,21 @@ def test_stochastic_rounding_is_reproducible_and_unbiased(tmp_path):
     assert a.weights == (0.5, 0.5)
 
 
+def test_options_that_would_change_nothing_are_refused_before_anything_is_written(tmp_path):
+    paths = [write({"w": torch.full((4,), float(i))}, tmp_path, "safetensors", i) for i in range(3)]
+    for kwargs, says in (({"stochastic_rounding": True}, "no averaged tensor is written as bfloat16"),
+                         ({"stochastic_rounding": True, "dtype": "float16"}, "pass dtype='bfloat16'"),
+                         ({"max_error": 0.1}, "weights 'uniform' fit nothing"),
+                         ({"max_error": 0.1, "weights": "ema:0.9", "steps": [1, 2, 3]}, "max_error bounds the fit")):
+        with pytest.raises(MergeError, match=says):
+            merge_checkpoints(paths, tmp_path / "out.safetensors", **kwargs)
+        assert not os.path.exists(tmp_path / "out.safetensors")
+    states = [{"w": torch.ones(4, dtype=torch.bfloat16)}, {"w": torch.zeros(4, dtype=torch.bfloat16)}]
+    os.makedirs(tmp_path / "b")
+    bf16 = [write(s, tmp_path / "b", "safetensors", i) for i, s in enumerate(states)]
+    merge_checkpoints(bf16, tmp_path / "b.safetensors", stochastic_rounding=True)   # bfloat16 kept: taken
+
+
 def test_huggingface_folder_out_keeps_the_layout_and_small_files(tmp_path):
     paths, states = checkpoints(tmp_path / "in", "hf-sharded")
     report = merge_checkpoints(paths, tmp_path / "merged", weights="uniform", copy_from="first", verify=True)
