@@ -128,8 +128,8 @@ def synthesize(directory: str | os.PathLike, sigma_rel: float | None = None, *, 
     :func:`read_snapshots`), a snapshot that is truncated, corrupt or fails its checksum (move it
     out of the folder to synthesise from the others; also one truncated or rewritten in place while
     it is read: each snapshot's tensors are read with ``pread`` from a descriptor held until the
-    synthesis is done, never memory-mapped), a profile holding inf or NaN, and a result that is
-    not finite in ``dtype``.
+    synthesis is done, never memory-mapped), a profile holding inf or NaN, a result that is
+    not finite in ``dtype``, and one that ``into``'s dtypes cannot hold (nothing loaded).
     """
     plan = SynthesisPlan(directory, sigma_rel, gamma, time, max_error, dtype)
     out = Synthesized()
@@ -233,6 +233,11 @@ def _load_into(model, weights: dict) -> None:
     if missing or extra:
         raise ValueError(f"the snapshots do not match this model: missing {missing[:5]}, unexpected {extra[:5]}; "
                          f"load them into the model they were taken of")
+    lost = [n for n, t in own.items() if not _lands(weights[n], t.dtype)]
+    if lost:
+        raise ValueError(f"the synthesised tensors {', '.join(map(repr, lost[:3]))} hold values beyond the model's "
+                         f"dtype ({str(own[lost[0]].dtype).replace('torch.', '')}: they would load as inf or wrap); "
+                         f"nothing was loaded: load into a model of a wider dtype")
     if any(type(t).__name__ == "DTensor" for t in own.values()):      # FSDP2 / TP: each rank keeps its part
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -249,3 +254,16 @@ def _load_into(model, weights: dict) -> None:
     with torch.no_grad():
         for name, t in own.items():
             t.copy_(weights[name])
+
+
+def _lands(value, dtype) -> bool:
+    """Whether ``value`` (finite: checked when combined) keeps its values in ``dtype`` up to rounding:
+    no float beyond its range (inf), no integer wrapped."""
+    import torch
+
+    if value.dtype == dtype or value.numel() == 0 or dtype == torch.bool or dtype.is_complex:
+        return True
+    cast = value.to(dtype)
+    if dtype.is_floating_point:
+        return bool(torch.isfinite(cast).all())
+    return value.is_floating_point() or torch.equal(cast.to(value.dtype), value)

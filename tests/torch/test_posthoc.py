@@ -411,6 +411,23 @@ def test_targets_the_snapshots_cannot_represent_are_refused(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
 
 
+def test_a_synthesis_beyond_the_models_dtype_is_refused_with_nothing_loaded(tmp_path):
+    net = nn.Linear(3, 2)
+    with torch.no_grad():
+        net.weight.fill_(1e5)                                  # beyond float16's 65504
+    ph = PostHocEMA(net, (0.05, 0.10), snapshot_every=5, path=tmp_path)
+    for _ in range(20):
+        ph.update()
+    half = nn.Linear(3, 2).half()
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'weight' hold values beyond the model's dtype \(float16.*nothing was"):
+        ph.synthesize(0.07, into=half, max_error=1.0)
+    assert all(torch.equal(v, before[k]) for k, v in half.state_dict().items())
+    wide = nn.Linear(3, 2).double()
+    ph.synthesize(0.07, into=wide, max_error=1.0)             # float64 holds it
+    assert torch.allclose(wide.weight, torch.full((2, 3), 1e5, dtype=torch.float64))
+
+
 def test_command_line_synthesis_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     import subprocess
