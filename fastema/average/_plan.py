@@ -310,6 +310,8 @@ class Plan:
                 raise ValueError(f"first_time must be finite, got {first!r}")
             if not (math.isfinite(float(last)) and float(last) >= 0):
                 raise ValueError(f"last_time must be finite and >= 0, got {last!r}")
+            if first is not None and float(first) > float(last):     # the first update's time, then later ones
+                raise ValueError(f"first_time ({first!r}) must be at most last_time ({last!r})")
         except KeyError as err:
             problems.append(f"schedule state has no {err.args[0]!r}")
         except (TypeError, ValueError) as err:

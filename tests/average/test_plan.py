@@ -64,6 +64,7 @@ def test_fastema_average_exports_what_users_call_and_nothing_else():
     (dict(last_time=float("inf")), r"last_time must be finite and >= 0, got inf"),
     (dict(last_time=float("nan")), r"last_time must be finite and >= 0, got nan"),
     (dict(updates=10 ** 6), r"updates \(1000000\) must be at most calls \(3\)"),
+    (dict(first_time=5.0), r"first_time \(5\.0\) must be at most last_time \(3\.0\)"),
 ])
 def test_counters_and_times_no_run_can_have_are_refused_at_load_with_nothing_changed(change, said):
     """A checkpoint whose last update time is infinite loaded, and then every update(step=...) was
