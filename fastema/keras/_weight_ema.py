@@ -133,8 +133,9 @@ class WeightEMA(keras.callbacks.Callback):
                 ema.load_state_dict(self._pending)
             elif from_file is not None:
                 refuse_poisoned(from_file, self.allow_nonfinite)
+                state = _named_state(self, from_file)     # its options checked there, saying what to do
                 try:
-                    ema.load_state_dict(_named_state(self, from_file))     # (its options checked there)
+                    ema.load_state_dict(state)
                 except ValueError as e:
                     raise ValueError(f"fastema.keras.WeightEMA: the average saved with this model does not fit this "
                                      f"callback ({e}); give WeightEMA the options the average was saved with (or "
