@@ -306,16 +306,24 @@ def test_meta_models_are_taken_as_the_originals_take_them(make):
     assert run("ours") == run("theirs")
 
 
+@pytest.mark.parametrize("road", ["cpu", "device"])
 @pytest.mark.parametrize("kind", ["EMA", "KarrasEMA"])
-def test_direct_writes_to_the_step_and_initted_buffers_are_followed_as_in_the_original(kind):
+def test_direct_writes_to_the_step_and_initted_buffers_are_followed_as_in_the_original(kind, road):
     # L8: the host mirror of step / initted ignored ema.step.zero_() and ema.initted.fill_(False)
     # (first weight 3.154 against ema-pytorch's 3.626); now the buffers' version counters are
     # compared at each update (host integers: no device read) and the buffers read again on a change
     kw = dict(beta=0.9, update_after_step=3, update_every=2) if kind == "EMA" else dict(sigma_rel=0.2, update_every=1)
     theirs_net, ours_net = _net(), _net()
     theirs, ours = getattr(ema_pytorch, kind)(theirs_net, **kw), getattr(compat, kind)(ours_net, **kw)
+    ours._read_on_cpu = road == "cpu"            # "device": a GPU's road, counters and addresses watched
     writes = {8: lambda e: e.step.zero_(), 14: lambda e: e.initted.fill_(False), 20: lambda e: e.step.fill_(100),
-              26: lambda e: setattr(e, "step", torch.tensor(3)), 32: lambda e: e.step.add_(5)}
+              26: lambda e: setattr(e, "step", torch.tensor(3)), 32: lambda e: e.step.add_(5),
+              # writes no version counter sees (ema-pytorch's own idiom: .data), followed on the CPU, where
+              # the buffers are read at every update (they were not: 62.8 against ema-pytorch's 95.3)
+              46: lambda e: setattr(e.step, "data", torch.tensor(7))}             # (an address: both roads)
+    if road == "cpu":
+        writes.update({38: lambda e: e.step.data.zero_(), 42: lambda e: e.initted.data.copy_(torch.tensor(False)),
+                       50: lambda e: e.step.numpy().fill(1)})
 
     def each(i):
         for e in (theirs, ours):
@@ -324,7 +332,7 @@ def test_direct_writes_to_the_step_and_initted_buffers_are_followed_as_in_the_or
             e.update()
         _equal_state(ours.state_dict(), theirs.state_dict())
 
-    _loop([theirs_net, ours_net], 40, each)
+    _loop([theirs_net, ours_net], 56, each)
     if kind == "EMA":
         assert ours.get_current_decay() == theirs.get_current_decay()
 

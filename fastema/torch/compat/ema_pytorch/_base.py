@@ -82,15 +82,19 @@ def _lerp_towards(targets: list, sources: list, decay: float, cached: PairShadow
 
 
 class _Counters(nn.Module):
-    """ema-pytorch's ``initted`` / ``step`` buffers with a host mirror: the counters are read from
-    the device once, and again only after something else wrote or replaced the buffers (no
-    ``.item()`` per update, where ema-pytorch reads both at every call)."""
+    """ema-pytorch's ``initted`` / ``step`` buffers with a host mirror: on a GPU the counters are
+    read from the device once, and again only after something else wrote or replaced the buffers
+    (no ``.item()`` sync per update, where ema-pytorch reads both at every call); on the CPU,
+    where a read costs no sync, at every update, as ema-pytorch does (so a write autograd does not
+    see, through ``.data`` or NumPy, is followed too)."""
+
+    _read_on_cpu = True          # (an instance's False: a device's road on the CPU, for the tests)
 
     def _init_counters(self) -> None:
         self.register_buffer("initted", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0))
         self._host: list | None = None           # [step, initted] as Python values: no .item() per update
-        self._seen: tuple | None = None          # the buffers (and version counters) _host was read from
+        self._seen: tuple | None = None          # the buffers (versions, addresses) _host was read from
 
     def _buffer(self, name: str) -> torch.Tensor:
         return typing.cast(torch.Tensor, self._buffers[name])
@@ -100,19 +104,25 @@ class _Counters(nn.Module):
         self._host = None                        # step / initted changed: read them again once
 
     def _buffers_now(self) -> tuple | None:
-        """Which ``step`` / ``initted`` tensors the module holds and their version counters: host
-        integers that every in-place write bumps (``ema.step.zero_()``, ``initted.fill_(False)``,
-        a load), so a change is seen without reading the device."""
+        """Which ``step`` / ``initted`` tensors the module holds, their version counters (host
+        integers that every in-place write bumps: ``ema.step.zero_()``, ``initted.fill_(False)``,
+        a load) and addresses (``ema.step.data = t``), so a change is seen without reading the
+        device; None for inference tensors (read at every update)."""
         buffers = typing.cast("dict[str, torch.Tensor]", self._buffers)   # (the per-update path:
         step, initted = buffers["step"], buffers["initted"]                 # no call per buffer)
         try:
-            return step, initted, step._version, initted._version
+            return step, initted, step._version, initted._version, step.data_ptr(), initted.data_ptr()
         except RuntimeError:                     # inference tensors keep no version: read every time
             return None
 
     def _counters(self) -> list:
-        """``[step, initted]`` as Python values, read from the buffers once and again only after
-        something else wrote them or replaced them (no ``.item()`` per update)."""
+        """``[step, initted]`` as Python values: on the CPU read at every update; on a device once,
+        and again only after something else wrote them or replaced them (no ``.item()`` per update)."""
+        buffers = typing.cast("dict[str, torch.Tensor]", self._buffers)
+        step, initted = buffers["step"], buffers["initted"]
+        if self._read_on_cpu and step.is_cpu and initted.is_cpu:   # a load from memory, no sync: every
+            self._host, self._seen = [int(step.numpy()), bool(initted.numpy())], None    # update, through views
+            return self._host
         seen = self._buffers_now()
         if self._host is None or seen is None or self._seen is None or seen[2:] != self._seen[2:] or \
                 seen[0] is not self._seen[0] or seen[1] is not self._seen[1]:

@@ -144,8 +144,11 @@ class EMA(_EmaPytorchBase, _Warmup):
     is one fastema launch per (device, dtype) group over the tracked tensors, bit for bit
     ``torch.lerp_`` (what ema-pytorch runs per tensor); the step counter is mirrored on the
     host, so no ``.item()`` sync per update. Writes to the ``step`` / ``initted`` buffers
-    (``ema.step.zero_()``, ``ema.initted.fill_(False)``, a new tensor, a load) are followed: the
-    buffers are read again when their version counters (host integers) show a change.
+    (``ema.step.zero_()``, ``ema.initted.fill_(False)``, a new tensor, a load) are followed: on
+    the CPU the buffers are read at every update, as ema-pytorch reads them; on a GPU again when
+    their version counters (host integers) or addresses show a change. A GPU buffer written in
+    place through ``.data`` (ema-pytorch's own idiom; it bumps no version counter) is not seen
+    without that sync: write the buffer itself there (``ema.step.zero_()``; a deviation).
 
     ``use_foreach`` and ``coerce_dtype`` are accepted (the launch is already one per group, and
     the kernels read any float dtype). As in ema-pytorch 0.8.3, ``EMA(tree, ...)`` with a tensor or
