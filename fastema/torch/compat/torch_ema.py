@@ -15,17 +15,19 @@ from typing import Iterable
 
 import torch
 
+from ... import _backends
 from ... import schedules as S
 from ...flat import FlatShadow
 from ...ops import ema_update_many_
-from ._common import check_loaded
+from ._common import _KERNEL_DTYPES, check_loaded
 
 __all__ = ["ExponentialMovingAverage"]
 
 
 class _PlainShadow:
-    """torch_ema's own shadow, for what fastema's kernels cannot hold: no parameters, or meta
-    parameters (no memory: every operation checks shapes only, as in torch_ema). The parts of
+    """torch_ema's own shadow, for what fastema's kernels cannot hold (:func:`_held`): no
+    parameters, meta ones (no memory: every operation checks shapes only, as in torch_ema),
+    complex ones, a slice, or one tensor listed twice (tied weights). The parts of
     :class:`FlatShadow`'s interface this module uses, computed as torch_ema computes them."""
 
     def __init__(self, params: list, shadows: list | None = None):
@@ -44,10 +46,22 @@ class _PlainShadow:
             p.data.copy_(s.data)
 
 
+def _held(params: list) -> bool:
+    """Whether a :class:`FlatShadow` holds ``params``: real floating tensors with memory on the CPU
+    or a GPU, each dense (C order, channels_last: any order of its dimensions), no two sharing a
+    byte."""
+    if not params or any(p.dtype not in _KERNEL_DTYPES or p.layout != torch.strided or not (p.is_cpu or p.is_cuda)
+                         or _backends.layout(p.shape, p.stride()) is None for p in params):
+        return False
+    spans = sorted((str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
+                   for p in params if p.numel())
+    return all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(spans, spans[1:]))
+
+
 def _shadow(params: list, dtype: str = "same"):
-    """fastema's flat shadow of ``params``; torch_ema's own for none or meta ones (see
+    """fastema's flat shadow of ``params``; torch_ema's own for what it cannot hold (see
     :class:`_PlainShadow`)."""
-    if not params or any(p.is_meta for p in params):
+    if not _held(params):
         plain = _PlainShadow(params)
         if dtype != "same":
             plain._shadows = [s.to(dtype=getattr(torch, dtype)) if s.is_floating_point() else s
@@ -86,8 +100,13 @@ class ExponentialMovingAverage:
     is NaN) or use a decay below 0 (``(1 + n) / (10 + n)`` for ``n < 0``), which fastema's
     update refuses.
 
-    No parameters, or meta parameters (no memory), are taken as torch_ema takes them: the
-    shadow is then torch_ema's own list of clones, computed as torch_ema computes it.
+    What fastema's kernels cannot hold is taken as torch_ema takes it: no parameters, meta ones
+    (no memory), complex ones, a slice (not dense) or one tensor listed twice (an encoder's and a
+    decoder's shared embedding). The shadow is then torch_ema's own list of clones, computed as
+    torch_ema computes it. A parameter cast, moved or laid out anew after construction
+    (``model.to(torch.bfloat16)``) is refused by name at the next update, where torch_ema goes on
+    with its copies in their old dtype: make the EMA after the cast. ``load_state_dict`` casts the
+    shadow and stored copies to the parameters' dtypes, as torch_ema does.
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor], decay: float, use_num_updates: bool = True):
@@ -233,7 +252,11 @@ class ExponentialMovingAverage:
             raise ValueError("shadow_params must be a list of tensors")
         if len(shadow) != len(self._refs):
             raise ValueError(f"shadow_params has {len(shadow)} tensors, this EMA tracks {len(self._refs)}")
-        mine = self.shadow_params
+        flat, mine = self._flat, self.shadow_params
+        params = [r() for r in self._refs]
+        if all(p is not None for p in params) and any(m.dtype != p.dtype for m, p in zip(mine, params)):
+            flat = _shadow(params)               # as torch_ema casts the loaded shadow to the parameters' dtypes
+            mine = list(flat.views().values())   # (after to(dtype=...)); made anew: nothing changes if refused
         for i, (s, m) in enumerate(zip(shadow, mine)):
             check_loaded(f"shadow_params[{i}]", s, m)
         collected = state_dict["collected_params"]
@@ -246,6 +269,8 @@ class ExponentialMovingAverage:
         with torch.no_grad():
             for s, m in zip(shadow, mine):
                 m.copy_(s)
-            self._stored = None if collected is None else [c.detach().clone() for c in collected]
+            self._stored = None if collected is None else [c.detach().to(m.dtype, copy=True)
+                                                           for c, m in zip(collected, mine)]
+        self._flat = flat
         self.decay, self.num_updates = decay, num_updates
 

@@ -117,6 +117,62 @@ def test_exponential_moving_average_takes_no_parameters_and_meta_ones_as_torch_e
     assert ours.num_updates == 0
 
 
+@pytest.mark.parametrize("case", ["tied", "complex", "slice"])
+def test_exponential_moving_average_takes_what_the_kernels_cannot_hold_as_torch_ema_does(case):
+    """A tensor listed twice (an encoder and a decoder sharing an embedding), a complex parameter
+    and a slice were refused at construction ("share memory", "complex64", "not dense"); torch_ema
+    takes each. Its own arithmetic then, bit for bit, through every method."""
+    torch_ema = pytest.importorskip("torch_ema")
+
+    def make():
+        torch.manual_seed(0)
+        if case == "tied":
+            shared = nn.Embedding(5, 3)
+            enc, dec = nn.Sequential(shared, nn.Linear(3, 3)), nn.Sequential(shared, nn.Linear(3, 3))
+            return [*enc.parameters(), *dec.parameters()]
+        if case == "complex":
+            return [nn.Parameter(torch.randn(4, dtype=torch.complex64)), nn.Parameter(torch.randn(3))]
+        return [nn.Parameter(torch.randn(4, 4)[:, :2]), nn.Parameter(torch.randn(3))]
+
+    def run(cls):
+        ps = make()
+        ema = cls(ps, decay=0.9)
+        seen = []
+        for i in range(4):
+            with torch.no_grad():
+                for p in ps:
+                    p.mul_(0.5).add_(i)
+            ema.update()
+            seen.append([s.clone() for s in ema.shadow_params])
+        with torch.no_grad(), ema.average_parameters():     # (torch_ema's stored clones: leaves, to deepcopy)
+            seen.append([p.detach().clone() for p in ps])
+        seen.append([p.detach().clone() for p in ps])
+        state = ema.state_dict()
+        ema.update()
+        ema.load_state_dict(state)
+        seen.append([s.clone() for s in ema.shadow_params])
+        return seen
+
+    for a, b in zip(run(torch_ema.ExponentialMovingAverage), run(compat.ExponentialMovingAverage)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_exponential_moving_average_load_casts_to_the_parameters_dtypes_as_torch_ema_does():
+    """After to(dtype=torch.float64), a load kept the float64 shadow; torch_ema casts the loaded
+    shadow (and stored copies) to the parameters' dtypes, as torch.optim does."""
+    torch_ema = pytest.importorskip("torch_ema")
+    for cls in (torch_ema.ExponentialMovingAverage, compat.ExponentialMovingAverage):
+        m = nn.Linear(3, 2)
+        ema = cls(m.parameters(), decay=0.9)
+        ema.update()
+        ema.to(dtype=torch.float64)
+        with torch.no_grad():
+            ema.store()
+        ema.load_state_dict(ema.state_dict())
+        assert [s.dtype for s in ema.shadow_params] == [torch.float32] * 2, cls
+        assert [c.dtype for c in ema.collected_params] == [torch.float32] * 2, cls
+
+
 def test_exponential_moving_average_to_dtype():
     model, _ = model_and_data(dtype=torch.bfloat16)
     ema = compat.ExponentialMovingAverage(model.parameters(), decay=0.9)
