@@ -253,8 +253,8 @@ class ExponentialMovingAverage:
         if len(shadow) != len(self._refs):
             raise ValueError(f"shadow_params has {len(shadow)} tensors, this EMA tracks {len(self._refs)}")
         flat, mine = self._flat, self.shadow_params
-        params = [r() for r in self._refs]
-        if all(p is not None for p in params) and any(m.dtype != p.dtype for m, p in zip(mine, params)):
+        params = list(self._flat.sources)        # (kept alive: the weak references hold)
+        if any(m.dtype != p.dtype for m, p in zip(mine, params)):
             flat = _shadow(params)               # as torch_ema casts the loaded shadow to the parameters' dtypes
             mine = list(flat.views().values())   # (after to(dtype=...)); made anew: nothing changes if refused
         for i, (s, m) in enumerate(zip(shadow, mine)):
