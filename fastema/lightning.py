@@ -13,9 +13,9 @@ A ``.ckpt`` written by Lightning's own ``EMAWeightAveraging`` resumes in ``Weigh
 raw weights into the model, Lightning's average and its counters into the EMA).
 
 ``MovingAverageLogs`` logs ``<metric>_ema`` and ``<metric>_sma`` of the training loss (and of
-any metric the module logs per step). The averages are kept on the device and handed to
-``self.log`` as tensors: the callback itself never syncs; values reach the host when
-Lightning writes its logs (every ``log_every_n_steps``).
+any metric the module returns or logs per step). The averages are kept on the device and
+handed to ``self.log`` as tensors: values reach the host when Lightning writes its logs (every
+``log_every_n_steps``).
 
 Works with ``lightning`` (``lightning.pytorch``) or the ``pytorch-lightning`` package.
 """
@@ -215,21 +215,28 @@ class WeightEMA(pl.Callback):
 
 
 class MovingAverageLogs(pl.Callback):
-    """Log the EMA and SMA of training metrics per step, with no host sync of its own.
+    """Log the EMA and SMA of training metrics per step, on the device.
 
     Args:
         ema: EMA decay per step (``0.9``), a dict of :class:`fastema.Smoother` parameters
             (``{"span": 50}``), or None.
         sma: SMA window in steps, or None.
-        metrics: what to smooth: ``"loss"`` is the loss ``training_step`` returns; other
-            names are values the module logs per step (``self.log(name, value)``) or
-            returns in its output dict.
+        metrics: what to smooth: ``"loss"`` is the loss ``training_step`` returns (Lightning's
+            outputs hold it divided by ``accumulate_grad_batches``: multiplied back, exact for
+            a power of two, else to one rounding); other names are values it returns in its
+            output dict or logs (``self.log(name, value)``).
         prog_bar: also show the averages in the progress bar (the bar reads them to the
             host at each refresh).
 
     Logged as ``<metric>_ema`` and ``<metric>_sma`` on every training batch (Lightning
     writes them every ``log_every_n_steps``). The averages continue across epochs and are
-    saved in checkpoints.
+    saved in checkpoints. A batch ``training_step`` skipped (it returned None) leaves them as
+    they are; a logged metric counts at the steps it was logged (a value logged every k steps is
+    not taken again in between: it weighs 0 there, so its SMA is that of the values logged in the
+    last ``sma`` steps, NaN where there were none). No host sync of its own for the loss and the output dict's values; a
+    logged value is read through ``trainer.callback_metrics``, for which Lightning converts every
+    ``prog_bar=True`` metric to a host number (a sync, as its progress bar makes at each refresh):
+    return such a metric in the output dict instead.
     """
 
     def __init__(self, ema=0.9, sma: int | None = 50, metrics: Sequence[str] = ("loss",), prog_bar: bool = False):
@@ -238,27 +245,49 @@ class MovingAverageLogs(pl.Callback):
         self.tracker = Tracker(self.metrics, ema=ema, sma=sma)
         self.prog_bar = prog_bar
         self._pending: dict | None = None
+        self._logged: dict[str, torch.Tensor] = {}     # each logged metric's last value (held: its address)
+        self._weights: dict[tuple, torch.Tensor] = {}  # (device, which are new) -> the sample weights
 
-    def _value(self, trainer, outputs, name):
+    def _value(self, trainer, pl_module, outputs, name):
+        """``name``'s value of this step, or None where none came (a skipped batch, a metric logged
+        at an earlier step: Lightning keeps it, and a value logged anew is a new tensor)."""
         if isinstance(outputs, torch.Tensor) and name == "loss":
             return outputs
         if isinstance(outputs, dict) and name in outputs:
-            return outputs[name]
+            value, k = outputs[name], trainer.accumulate_grad_batches
+            if name == "loss" and value is not None and pl_module.automatic_optimization and k != 1:
+                value = value * k                            # (Lightning's closure divided it by k)
+            return value
+        if name == "loss" and not outputs:
+            return None                                      # training_step returned None: skipped
         logged = trainer.callback_metrics
         for key in (name, f"{name}_step"):
             if key in logged:
-                return logged[key]
+                value, before = logged[key], self._logged.get(name)
+                self._logged[name] = value
+                return None if before is not None and value.data_ptr() == before.data_ptr() else value
         raise KeyError(f"MovingAverageLogs: no training metric {name!r} this step; training_step returned "
                        f"{sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__} and logged "
                        f"{sorted(logged)}. Log it with self.log({name!r}, value) in training_step.")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        values = [self._value(trainer, outputs, n) for n in self.metrics]
-        values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=pl_module.device) for v in values]
+        found = [self._value(trainer, pl_module, outputs, n) for n in self.metrics]
+        if all(v is None for v in found):
+            return                                           # nothing new: the averages stay
+        values = [v if isinstance(v, torch.Tensor) or v is None else torch.as_tensor(v, device=pl_module.device)
+                  for v in found]
+        device = next(v.device for v in values if v is not None)
+        weight = None
+        if any(v is None for v in values):                   # left out this step: weight 0
+            new = tuple(v is not None for v in values)
+            weight = self._weights.get((device, new))
+            if weight is None:
+                weight = self._weights[(device, new)] = torch.tensor(new, dtype=torch.float64, device=device)
+            values = [torch.zeros((), device=device) if v is None else v for v in values]
         if self._pending is not None:
             state, self._pending = self._pending, None
-            self.tracker.load_state_dict(_to_device(state, values[0].device))
-        self.tracker.update(*values)
+            self.tracker.load_state_dict(_to_device(state, device))
+        self.tracker.update(*values, sample_weight=weight)
         for key, value in self.tracker.smoothed().items():
             pl_module.log(key, value.float(), on_step=True, on_epoch=False, prog_bar=self.prog_bar,
                           batch_size=1)

@@ -230,6 +230,52 @@ def test_smoothed_logs_resume_from_checkpoint(tmp_path):
     assert second.tracker.read() == pytest.approx(whole.tracker.read(), rel=1e-12)
 
 
+class Sometimes(Regressor):
+    """Logs ``acc`` (its global step) at every second step only, skips batch 2 of each epoch
+    (``training_step`` returns None), and keeps what it returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.returned, self.accs = [], []
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            return None
+        logged = self.global_step % 2 == 0
+        self.accs.append(float(self.global_step) + batch_idx if logged else None)
+        if logged:
+            self.log("acc", torch.tensor(self.accs[-1]))
+        loss = super().training_step(batch, batch_idx)
+        self.returned.append(float(loss))
+        return loss
+
+
+class Reads(MovingAverageLogs):
+    def on_train_batch_end(self, *args, **kwargs):
+        super().on_train_batch_end(*args, **kwargs)
+        self.read_at = getattr(self, "read_at", []) + [(self.tracker.count, self.tracker.read())]
+
+
+def test_skipped_batches_metrics_logged_now_and_then_and_accumulated_losses_are_averaged_as_they_came():
+    """A batch skipped by returning None (Lightning's documented skip) crashed the fit with a
+    KeyError; a metric logged every second step was taken again at the steps between (counted
+    twice); under accumulate_grad_batches=4 the loss averaged was Lightning's loss / 4. Now: a
+    skipped batch leaves the averages, a metric counts where it was logged (weight 0 between),
+    and the loss is the one training_step returned."""
+    model = Sometimes()
+    logs = Reads(ema=0.5, sma=8, metrics=("loss", "acc"))
+    trainer(None, [logs], max_epochs=2, accumulate_grad_batches=4).fit(model, loader())
+    assert logs.tracker.count == len(model.returned) == 14                 # 2 of 16 batches skipped
+    last = logs.read_at[-1][1]
+    losses = pd.Series(model.returned)
+    assert last["loss_ema"] == pytest.approx(losses.ewm(alpha=0.5).mean().iloc[-1], rel=1e-6)
+    assert last["loss_sma"] == pytest.approx(losses.iloc[-8:].mean(), rel=1e-6)
+    logged = [a for a in model.accs if a is not None]
+    assert last["acc_ema"] == pytest.approx(pd.Series(logged).ewm(alpha=0.5).mean().iloc[-1], rel=1e-6)
+    window = [a for a in model.accs[-8:] if a is not None]   # those logged in the last 8 steps
+    assert 0 < len(window) < 8 and last["acc_sma"] == pytest.approx(np.mean(window), rel=1e-6)
+
+
 def test_missing_metric_is_named():
     with pytest.raises(KeyError, match="no training metric 'accuracy'.*self.log"):
         trainer(None, [MovingAverageLogs(metrics=("accuracy",))], max_epochs=1).fit(Regressor(), loader())
