@@ -101,10 +101,16 @@ class WeightEMA(pl.Callback):
             raise RuntimeError("this WeightEMA follows another LightningModule; make one callback per model")
         if self._pending is not None:
             state, self._pending = self._pending, None
-            self.ema.load_state_dict(state)
+            self._load(state)
         if self._peer is not None:
             peer, self._peer = self._peer, None
             self._load_peer(peer)
+
+    def _load(self, state: dict) -> None:
+        """A checkpoint of this callback's into its EMA: refused where it was made with other options
+        (the EMA's load would take its decays and cadence in place of the callback's)."""
+        self.ema.plan.refuse_other_options(state, "WeightEMA")
+        self.ema.load_state_dict(state)
 
     def _load_peer(self, peer: PeerAverage) -> None:
         # the EMA's own state (its settings and schedules) with Lightning's average and counters in it,
@@ -191,7 +197,7 @@ class WeightEMA(pl.Callback):
         if self.ema is None:
             self._pending = state_dict                       # applied when the EMA is made
         else:
-            self.ema.load_state_dict(state_dict)
+            self._load(state_dict)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of Lightning's ``WeightAveraging`` (``EMAWeightAveraging``...): its raw weights

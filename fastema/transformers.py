@@ -343,6 +343,7 @@ class EMACallback(TrainerCallback):
         template = ema.state_dict() if per_rank else None  # on every rank, before any read can refuse (ZeRO-1/2
         try:                                               # masters gather in it: a collective)
             state = EMACallback._read_for(ema, folder, path, per_rank, template)
+            ema.plan.refuse_other_options(state, "EMACallback")   # (the load would take the file's decays)
         except Exception as err:                         # every rank refuses with it, at once (never a hang)
             if per_rank:
                 ema.refuse_on_every_rank(err)

@@ -280,6 +280,23 @@ class Plan:
                 "compensate": self.compensate, "debias": self.debias,
                 "first_time": self.first_time, "last_time": self.last_time}
 
+    def refuse_other_options(self, state: dict, who: str, also: tuple = ()) -> None:
+        """ValueError, before anything is loaded, where a saved ``state`` was made with options this
+        plan was not (its decays, ``update_every``, ``compensate``, ``debias``; ``also``: the
+        caller's own such differences). A load takes them from the state; a callback resuming one
+        (``who``: its name) with options of its own refuses them rather than drop its own."""
+        diffs = list(also)
+        saved, mine = state.get("schedules"), [s.state() for s in self.schedules]
+        if isinstance(saved, list) and len(saved) == len(mine) and saved != mine:   # (another count: the load's)
+            diffs.insert(0, f"decays {saved} where this callback's are {mine}")
+        for key, have in (("update_every", self.update_every), ("compensate", self.compensate),
+                          ("debias", self.debias)):
+            if key in state and state[key] != have:
+                diffs.append(f"{key}={state[key]!r} where this callback's is {have!r}")
+        if diffs:
+            raise ValueError(f"the {who} average was saved with {' and '.join(diffs)}; give {who} the options it "
+                             f"was saved with. Nothing was loaded")
+
     def check_state(self, state: dict, problems: list) -> None:
         """Append to ``problems`` what keeps ``state`` from loading here."""
         saved = state.get("schedules")

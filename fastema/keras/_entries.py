@@ -188,15 +188,9 @@ def _natural(key: str) -> tuple:
 
 def _refuse_other_options(core, state: dict) -> None:
     """ValueError naming what a saved average was made with that this callback's EMA was not: its
-    decays (schedules) and shadow dtype, which the EMA's own ``load_state_dict`` takes from the
-    state (a resume from a file must continue the average it holds, with the callback's options)."""
-    mine, saved = [s.state() for s in core.plan.schedules], state.get("schedules")
-    diffs = []
-    if isinstance(saved, list) and len(saved) == len(mine) and saved != mine:   # (a count: EMA's)
-        diffs.append(f"decays {saved} where this callback's are {mine}")
+    decays (schedules), cadence and shadow dtype, which the EMA's own ``load_state_dict`` takes from
+    the state (a resume from a file must continue the average it holds, with the callback's options)."""
     dtype = state.get("shadow_dtype")
-    if dtype is not None and str(dtype) != str(core.shadow_dtype):
-        diffs.append(f"a {dtype} shadow where this callback's is {core.shadow_dtype}")
-    if diffs:
-        raise ValueError(f"the WeightEMA average was saved with {' and '.join(diffs)}; give WeightEMA the "
-                         f"options it was saved with. Nothing was loaded")
+    other = dtype is not None and str(dtype) != str(core.shadow_dtype)
+    core.plan.refuse_other_options(state, "WeightEMA",
+                                   (f"a {dtype} shadow where this callback's is {core.shadow_dtype}",) if other else ())

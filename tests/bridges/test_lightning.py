@@ -217,6 +217,20 @@ def test_smoothed_logs_match_pandas_and_never_sync(tmp_path):
     assert steps == [4, 9, 14]
 
 
+@pytest.mark.parametrize("other, said", [
+    (dict(decay=0.99), "saved with decays"),
+    (dict(decay=0.9, update_every=2), "update_every=1 where this callback's is 2")])
+def test_a_resume_with_other_options_is_refused_not_taken_from_the_checkpoint(tmp_path, other, said):
+    """WeightEMA(decay=0.99) resumed from a checkpoint of decay 0.9 went on at 0.9 without a word (the
+    EMA's load takes the decays and cadence from the state). Refused, as the Keras callback refuses it."""
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer(tmp_path, [WeightEMA(decay=0.9), ckpt_cb], enable_checkpointing=True, max_epochs=1).fit(
+        Regressor(), loader())
+    with pytest.raises(ValueError, match=f"{said}.*give WeightEMA the options it was saved with"):
+        trainer(tmp_path, [WeightEMA(**other)], max_epochs=2).fit(Regressor(), loader(),
+                                                                  ckpt_path=tmp_path / "ck" / "last.ckpt")
+
+
 def test_smoothed_logs_resume_from_checkpoint(tmp_path):
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     first = MovingAverageLogs(ema=0.5, sma=3)

@@ -231,6 +231,13 @@ def test_a_damaged_or_mismatched_state_file_is_refused_before_training(tmp_path,
         trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "x", max_steps=8), train_dataset=Tokens(64, 0),
                           callbacks=[EMACallback(decay=[0.9, 0.99])])
         trainer.train(resume_from_checkpoint=str(ckpt))
+    # one decay or update_every of its own: the load took the file's in place of the callback's, silently
+    for other, said in ((dict(decay=PowerWarmup(0.95, update_after_step=1)), "saved with decays"),
+                        (dict(decay=PowerWarmup(0.9, update_after_step=1), update_every=2),
+                         "saved with update_every=1 where this callback's is 2")):
+        with pytest.raises(ValueError, match=f"{said}.*give EMACallback the options it was saved with"):
+            Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "z", max_steps=8), train_dataset=Tokens(64, 0),
+                    callbacks=[EMACallback(**other)]).train(resume_from_checkpoint=str(ckpt))
     from safetensors.torch import save_file
 
     ema_cb = EMACallback(decay=PowerWarmup(0.9, update_after_step=1))
