@@ -200,7 +200,7 @@ class Staging:
         published there meanwhile, a file someone made): that is left as it is, and so is the
         staging folder (:meth:`discard` it). With ``overwrite``, a folder ``out`` (or a link to one:
         the link is replaced, its target kept) is renamed aside, the new one renamed in, the old
-        one removed."""
+        one removed; where the new one cannot be renamed in, the old one is put back."""
         with signals_held():
             sync_folder(self.folder)
             src = self.folder if self.as_folder else os.path.join(self.folder, os.path.basename(self.out))
@@ -211,7 +211,11 @@ class Staging:
             elif os.path.lexists(self.out):
                 old = self.folder[:-len(".tmp")] + ".old"
                 os.rename(self.out, old)
-                os.rename(self.folder, self.out)
+                try:
+                    os.rename(self.folder, self.out)
+                except BaseException:               # the old output back at out (a .old name is swept)
+                    os.rename(old, self.out)
+                    raise
                 _remove(old)
             else:
                 os.rename(self.folder, self.out)
