@@ -193,10 +193,9 @@ def peer_state(peer: PeerAverage, template: dict) -> dict:
                       f"{'; '.join(problems[:5])}", "it is the checkpoint of another model", RAW)
     n = peer.updates
     # updates at epoch ends too (update_starting_at_epoch) outnumber the steps: each counts as a call
+    # updates made at epoch ends only leave latest_update_step at 0: at or before global_step
+    last = float(peer.last_step or peer.calls) if n else 0.0
     state.update(calls=max(peer.calls, n), updates=n, norms=[1.0 if n else 0.0] * len(kinds),
                  # Lightning keeps no time of the first update; only BEMA reads it (refused above)
-                 first_time=None if n == 0 else 1.0,
-                 # updates made at epoch ends only leave latest_update_step at 0:
-                 # at or before global_step
-                 last_time=float(peer.last_step or peer.calls) if n else 0.0)
+                 first_time=None if n == 0 else min(1.0, last), last_time=last)
     return state

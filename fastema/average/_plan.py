@@ -286,9 +286,13 @@ class Plan:
         caller's own such differences). A load takes them from the state; a callback resuming one
         (``who``: its name) with options of its own refuses them rather than drop its own."""
         diffs = list(also)
-        saved, mine = state.get("schedules"), [s.state() for s in self.schedules]
-        if isinstance(saved, list) and len(saved) == len(mine) and saved != mine:   # (another count: the load's)
-            diffs.insert(0, f"decays {saved} where this callback's are {mine}")
+        try:                                       # (as the load reads them: a field added since, its default)
+            saved = [from_state(s) for s in state.get("schedules")]     # type: ignore[union-attr]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            saved = None                           # unreadable: the load's own check names it
+        if saved is not None and len(saved) == self.rows and saved != list(self.schedules):   # (another count: the
+            diffs.insert(0, f"decays {[s.state() for s in saved]} where this callback's are "   # load's)
+                            f"{[s.state() for s in self.schedules]}")
         for key, have in (("update_every", self.update_every), ("compensate", self.compensate),
                           ("debias", self.debias)):
             if key in state and state[key] != have:
@@ -327,7 +331,8 @@ class Plan:
                 raise ValueError(f"first_time must be finite, got {first!r}")
             if not (math.isfinite(float(last)) and float(last) >= 0):
                 raise ValueError(f"last_time must be finite and >= 0, got {last!r}")
-            if first is not None and float(first) > float(last):     # the first update's time, then later ones
+            if isinstance(schedules[0], _TIMED) and first is not None and float(first) > float(last):
+                # (time never goes back where it is read; a step schedule's update(step=) may)
                 raise ValueError(f"first_time ({first!r}) must be at most last_time ({last!r})")
         except KeyError as err:
             problems.append(f"schedule state has no {err.args[0]!r}")

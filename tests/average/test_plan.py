@@ -85,3 +85,17 @@ def test_counters_and_times_no_run_can_have_are_refused_at_load_with_nothing_cha
     assert all(torch.equal(after["averaged"][k], state["averaged"][k]) for k in state["averaged"])
     ema.update(step=4)                                 # and it goes on
     assert ema.updates == 4
+
+
+def test_a_step_schedule_whose_steps_went_back_round_trips():
+    """The first_time <= last_time check reads timed schedules only: a constant decay's update(step=)
+    may go back (as may a first update(step=10) followed by plain calls), and its state loads."""
+    model = torch.nn.Linear(4, 3)
+    ema = fastema.torch.EMA(model, 0.9)
+    ema.update(step=10)
+    ema.update(step=2)
+    ema.update()
+    state = ema.state_dict()
+    assert state["first_time"] > state["last_time"]
+    ema.load_state_dict(state)
+    assert ema.updates == 3
