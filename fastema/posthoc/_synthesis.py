@@ -258,7 +258,8 @@ def _load_into(model, weights: dict) -> None:
 
 def _lands(value, dtype) -> bool:
     """Whether ``value`` (finite: checked when combined) keeps its values in ``dtype`` up to rounding:
-    no float beyond its range (inf), no integer wrapped."""
+    no float beyond its range (inf), no integer wrapped into a narrower integer dtype (a float into
+    an integer one is torch's copy, as the model's own load would make it)."""
     import torch
 
     if value.dtype == dtype or value.numel() == 0 or dtype == torch.bool or dtype.is_complex:

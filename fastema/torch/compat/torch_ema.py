@@ -14,12 +14,13 @@ import weakref
 from typing import Iterable
 
 import torch
+from torch import nn
 
 from ... import _backends
 from ... import schedules as S
 from ...flat import FlatShadow
 from ...ops import ema_update_many_
-from ._common import _KERNEL_DTYPES, check_loaded
+from ._common import check_loaded
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -47,11 +48,15 @@ class _PlainShadow:
 
 
 def _held(params: list) -> bool:
-    """Whether a :class:`FlatShadow` holds ``params``: real floating tensors with memory on the CPU
-    or a GPU, each dense (C order, channels_last: any order of its dimensions), no two sharing a
-    byte."""
-    if not params or any(p.dtype not in _KERNEL_DTYPES or p.layout != torch.strided or not (p.is_cpu or p.is_cuda)
-                         or _backends.layout(p.shape, p.stride()) is None for p in params):
+    """Whether a :class:`FlatShadow` takes ``params`` where torch_ema's arithmetic would: not where
+    there are none, or a meta one (no memory), a complex one, a slice (not dense), or two sharing
+    a byte (one tensor listed twice). Anything else goes to :class:`FlatShadow`, which refuses by
+    name what neither takes (a DTensor: its local shards, ``to_local()``)."""
+    if not params:
+        return False
+    if any(type(p) not in (torch.Tensor, nn.Parameter) for p in params):
+        return True                                # (a subclass: FlatShadow says what to do)
+    if any(p.is_meta or p.is_complex() or _backends.layout(p.shape, p.stride()) is None for p in params):
         return False
     spans = sorted((str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
                    for p in params if p.numel())
@@ -269,7 +274,7 @@ class ExponentialMovingAverage:
         with torch.no_grad():
             for s, m in zip(shadow, mine):
                 m.copy_(s)
-            self._stored = None if collected is None else [c.detach().to(m.dtype, copy=True)
+            self._stored = None if collected is None else [c.detach().to(m.device, m.dtype, copy=True)
                                                            for c, m in zip(collected, mine)]
         self._flat = flat
         self.decay, self.num_updates = decay, num_updates

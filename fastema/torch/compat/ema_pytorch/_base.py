@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .... import schedules as S
+from ...._backends import device_of
 from ....pairs import PairShadow
 from ..._tensors.slots import bump_versions
 from .._common import lerp_pairs
@@ -120,8 +121,8 @@ class _Counters(nn.Module):
         and again only after something else wrote them or replaced them (no ``.item()`` per update)."""
         buffers = typing.cast("dict[str, torch.Tensor]", self._buffers)
         step, initted = buffers["step"], buffers["initted"]
-        if self._read_on_cpu and step.is_cpu and initted.is_cpu:   # a load from memory, no sync: every
-            self._host, self._seen = [int(step.numpy()), bool(initted.numpy())], None    # update, through views
+        if self._read_on_cpu and device_of(step) == "cpu" == device_of(initted):   # no sync: every
+            self._host, self._seen = [int(step.numpy()), bool(initted.numpy())], None    # update, from memory
             return self._host
         seen = self._buffers_now()
         if self._host is None or seen is None or self._seen is None or seen[2:] != self._seen[2:] or \
