@@ -92,6 +92,7 @@ class WeightEMA(pl.Callback):
         self._pending: dict | None = None
         self._peer: PeerAverage | None = None          # Lightning's WeightAveraging checkpoint, read when made
         self._step_seen: int | None = None
+        self._stage: str | None = None                 # what the trainer runs (setup's stage)
 
     def _ensure(self, pl_module) -> None:
         if self.ema is None:
@@ -100,16 +101,21 @@ class WeightEMA(pl.Callback):
         elif self.ema.model is not pl_module:
             raise RuntimeError("this WeightEMA follows another LightningModule; make one callback per model")
         if self._pending is not None:
-            state, self._pending = self._pending, None
-            self._load(state)
+            self._load(self._pending)                  # (kept where refused: a fit again refuses again)
+            self._pending = None
         if self._peer is not None:
             peer, self._peer = self._peer, None
             self._load_peer(peer)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stage = stage                               # (before Lightning restores a checkpoint)
+
     def _load(self, state: dict) -> None:
-        """A checkpoint of this callback's into its EMA: refused where it was made with other options
-        (the EMA's load would take its decays and cadence in place of the callback's)."""
-        self.ema.plan.refuse_other_options(state, "WeightEMA")
+        """A checkpoint of this callback's into its EMA; to fit, refused where it was made with other
+        options (the EMA's load would take its decays and cadence in place of the callback's; an
+        evaluation of the saved average uses none of them)."""
+        if self._stage in (None, "fit"):
+            self.ema.plan.refuse_other_options(state, "WeightEMA")
         self.ema.load_state_dict(state)
 
     def _load_peer(self, peer: PeerAverage) -> None:
@@ -237,12 +243,14 @@ class MovingAverageLogs(pl.Callback):
     Logged as ``<metric>_ema`` and ``<metric>_sma`` on every training batch (Lightning
     writes them every ``log_every_n_steps``). The averages continue across epochs and are
     saved in checkpoints. A batch ``training_step`` skipped (it returned None) leaves them as
-    they are; a logged metric counts at the steps it was logged (a value logged every k steps is
-    not taken again in between: it weighs 0 there, so its SMA is that of the values logged in the
-    last ``sma`` steps, NaN where there were none). No host sync of its own for the loss and the output dict's values; a
-    logged value is read through ``trainer.callback_metrics``, for which Lightning converts every
-    ``prog_bar=True`` metric to a host number (a sync, as its progress bar makes at each refresh):
-    return such a metric in the output dict instead.
+    they are. A logged metric counts at the steps it was logged: a value logged every k steps
+    is not taken again in between (it weighs 0 there, so its SMA is that of the values logged in
+    the last ``sma`` steps, NaN where there were none); a name validation logs too is read as
+    the last one logged; a name neither returned nor logged in a whole epoch is refused at its
+    end. No host sync of its own for the loss and the output dict's values; a logged value is
+    read through ``trainer.callback_metrics``, for which Lightning converts every
+    ``prog_bar=True`` metric to a host number (a sync, as its progress bar makes at each
+    refresh): return such a metric in the output dict instead.
     """
 
     def __init__(self, ema=0.9, sma: int | None = 50, metrics: Sequence[str] = ("loss",), prog_bar: bool = False):
@@ -253,28 +261,36 @@ class MovingAverageLogs(pl.Callback):
         self._pending: dict | None = None
         self._logged: dict[str, torch.Tensor] = {}     # each logged metric's last value (held: its address)
         self._weights: dict[tuple, torch.Tensor] = {}  # (device, which are new) -> the sample weights
+        self._returned: set[str] = set()                # the metrics training_step has returned
 
     def _value(self, trainer, pl_module, outputs, name):
         """``name``'s value of this step, or None where none came (a skipped batch, a metric logged
         at an earlier step: Lightning keeps it, and a value logged anew is a new tensor)."""
         if isinstance(outputs, torch.Tensor) and name == "loss":
+            self._returned.add(name)
             return outputs
         if isinstance(outputs, dict) and name in outputs:
+            self._returned.add(name)
             value, k = outputs[name], trainer.accumulate_grad_batches
             if name == "loss" and value is not None and pl_module.automatic_optimization and k != 1:
                 value = value * k                            # (Lightning's closure divided it by k)
             return value
-        if name == "loss" and not outputs:
+        if name == "loss" and not outputs and pl_module.automatic_optimization:
             return None                                      # training_step returned None: skipped
         logged = trainer.callback_metrics
-        for key in (name, f"{name}_step"):
+        for key in (f"{name}_step", name):                   # (on_epoch too: name is the epoch's mean)
             if key in logged:
                 value, before = logged[key], self._logged.get(name)
                 self._logged[name] = value
                 return None if before is not None and value.data_ptr() == before.data_ptr() else value
-        raise KeyError(f"MovingAverageLogs: no training metric {name!r} this step; training_step returned "
-                       f"{sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__} and logged "
-                       f"{sorted(logged)}. Log it with self.log({name!r}, value) in training_step.")
+        return None                                          # not logged yet (on_train_epoch_end checks)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        never = [n for n in self.metrics if n not in self._logged and n not in self._returned]
+        if never:
+            raise KeyError(f"MovingAverageLogs: no training metric {never[0]!r} in a whole epoch; training_step "
+                           f"logged {sorted(trainer.callback_metrics)}. Return it in its output dict, or log it "
+                           f"with self.log({never[0]!r}, value) in training_step.")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         found = [self._value(trainer, pl_module, outputs, n) for n in self.metrics]
@@ -289,10 +305,13 @@ class MovingAverageLogs(pl.Callback):
             weight = self._weights.get((device, new))
             if weight is None:
                 weight = self._weights[(device, new)] = torch.tensor(new, dtype=torch.float64, device=device)
-            values = [torch.zeros((), device=device) if v is None else v for v in values]
+            zero = self._weights.get((device, ()))
+            if zero is None:
+                zero = self._weights[(device, ())] = torch.zeros((), device=device)
+            values = [zero if v is None else v for v in values]
         if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.tracker.load_state_dict(_to_device(state, device))
+            self.tracker.load_state_dict(_to_device(self._pending, device))
+            self._pending = None
         self.tracker.update(*values, sample_weight=weight)
         for key, value in self.tracker.smoothed().items():
             pl_module.log(key, value.float(), on_step=True, on_epoch=False, prog_bar=self.prog_bar,

@@ -226,9 +226,14 @@ def test_a_resume_with_other_options_is_refused_not_taken_from_the_checkpoint(tm
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     trainer(tmp_path, [WeightEMA(decay=0.9), ckpt_cb], enable_checkpointing=True, max_epochs=1).fit(
         Regressor(), loader())
+    cb, model = WeightEMA(**other), Regressor()
     with pytest.raises(ValueError, match=f"{said}.*give WeightEMA the options it was saved with"):
-        trainer(tmp_path, [WeightEMA(**other)], max_epochs=2).fit(Regressor(), loader(),
-                                                                  ckpt_path=tmp_path / "ck" / "last.ckpt")
+        trainer(tmp_path, [cb], max_epochs=2).fit(model, loader(), ckpt_path=tmp_path / "ck" / "last.ckpt")
+    with pytest.raises(ValueError, match=said):              # kept: a fit again refuses again (it started over)
+        trainer(tmp_path, [cb], max_epochs=2).fit(model, loader())
+    evaluating = WeightEMA(**other)                          # an evaluation of the saved average uses none of them
+    trainer(tmp_path, [evaluating]).test(Regressor(), loader(), ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert evaluating.ema.updates == 8
 
 
 def test_smoothed_logs_resume_from_checkpoint(tmp_path):
@@ -288,6 +293,42 @@ def test_skipped_batches_metrics_logged_now_and_then_and_accumulated_losses_are_
     assert last["acc_ema"] == pytest.approx(pd.Series(logged).ewm(alpha=0.5).mean().iloc[-1], rel=1e-6)
     window = [a for a in model.accs[-8:] if a is not None]   # those logged in the last 8 steps
     assert 0 < len(window) < 8 and last["acc_sma"] == pytest.approx(np.mean(window), rel=1e-6)
+
+
+class Manual(Regressor):
+    """Manual optimization, the loss logged (not returned), and ``acc`` logged on step and epoch at
+    every third batch from the second on."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.losses, self.accs = [], []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.losses.append(float(loss))
+        self.log("loss", loss.detach())
+        if batch_idx % 3 == 1:
+            self.accs.append(float(self.global_step) + 0.5)
+            self.log("acc", torch.tensor(self.accs[-1]), on_step=True, on_epoch=True)
+
+
+def test_manual_optimization_and_a_metric_logged_late_on_step_and_epoch_are_averaged_as_logged():
+    """Under manual optimization every step was taken for a skipped one (nothing averaged, no word);
+    a metric first logged at the second step stopped the fit at the first; and the epoch's mean of a
+    metric logged on step and epoch, under its plain name, was taken for a new value."""
+    model = Manual()
+    logs = Reads(ema=0.5, sma=None, metrics=("loss", "acc"))
+    trainer(None, [logs], max_epochs=2).fit(model, loader())
+    assert logs.tracker.count == len(model.losses) == 16
+    last = logs.read_at[-1][1]
+    assert last["loss_ema"] == pytest.approx(pd.Series(model.losses).ewm(alpha=0.5).mean().iloc[-1], rel=1e-6)
+    assert last["acc_ema"] == pytest.approx(pd.Series(model.accs).ewm(alpha=0.5).mean().iloc[-1], rel=1e-6)
 
 
 def test_missing_metric_is_named():
