@@ -127,6 +127,10 @@ class FileSystem:
         False where the system or file system has no such rename."""
         return _rename_noreplace(src, dst)
 
+    def rename(self, src: str, dst: str) -> None:
+        """``os.rename``: an output replaced with ``overwrite``, moved aside and in (:class:`Staging`)."""
+        os.rename(src, dst)
+
     def link(self, src: str, dst: str) -> None:
         """A hard link ``dst`` of ``src`` (``os.link``)."""
         os.link(src, dst)
@@ -210,11 +214,12 @@ class Staging:
                 os.replace(src, self.out)
             elif os.path.lexists(self.out):
                 old = self.folder[:-len(".tmp")] + ".old"
-                os.rename(self.out, old)
+                fs = system()
+                fs.rename(self.out, old)
                 try:
-                    os.rename(self.folder, self.out)
+                    fs.rename(self.folder, self.out)
                 except BaseException:               # the old output back at out (a .old name is swept)
-                    os.rename(old, self.out)
+                    fs.rename(old, self.out)
                     raise
                 _remove(old)
             else:

@@ -186,7 +186,7 @@ def _replaces_only_when_asked(tmp_path, synced):
     assert os.listdir(tmp_path) == ["out.safetensors"]
 
 
-def test_an_output_folder_being_replaced_comes_back_when_the_new_one_cannot_be_renamed_in(tmp_path, monkeypatch):
+def test_an_output_folder_being_replaced_comes_back_when_the_new_one_cannot_be_renamed_in(tmp_path):
     """With overwrite, the old folder went aside under a .old name and stayed there when the rename of
     the new one failed: out was gone, and the next staging's sweep removes .old names. Put back."""
     (tmp_path / "merged").mkdir()
@@ -194,17 +194,15 @@ def test_an_output_folder_being_replaced_comes_back_when_the_new_one_cannot_be_r
     staging = files.Staging(str(tmp_path / "merged"), ".fastema-merge-", True)
     with open(staging.path("model.safetensors"), "wb") as f:
         f.write(b"new")
-    rename = os.rename
 
-    def refused(src, dst):
-        if src == staging.folder:
-            raise OSError(errno.EXDEV, "the new one cannot move")
-        rename(src, dst)
+    class Refusing(files.FileSystem):
+        def rename(self, src, dst):
+            if src == staging.folder:
+                raise OSError(errno.EXDEV, "the new one cannot move")
+            super().rename(src, dst)
 
-    monkeypatch.setattr(files.os, "rename", refused)
-    with pytest.raises(OSError, match="cannot move"):
+    with files.using(Refusing()), pytest.raises(OSError, match="cannot move"):
         staging.publish(overwrite=True)
-    monkeypatch.undo()
     assert (tmp_path / "merged" / "model.safetensors").read_bytes() == b"old"
     staging.discard()
     assert os.listdir(tmp_path) == ["merged"]
