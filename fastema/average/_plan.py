@@ -150,7 +150,10 @@ class Plan:
                 raise ValueError(problem)
         self.schedules: list = schedules
         self.cadence = cadence              # counts the calls (shared with a model average that asks it)
-        self.compensate, self.debias = bool(compensate), bool(debias)
+        for name, flag in (("compensate", compensate), ("debias", debias)):
+            if not isinstance(flag, bool):          # ("no" read as True: momentum**k without a word)
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.compensate, self.debias = compensate, debias
         self.updates = 0                    # updates made
         self.norms = [0.0] * self.rows      # debiasing normalisers
         self.last_decays = [0.0] * self.rows

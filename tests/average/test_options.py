@@ -63,6 +63,8 @@ def test_timed_schedules_and_bema_make_their_plan_and_rows(decay, kind, rows):
     (dict(seed=-1), ValueError, "seed must be an int in"),
     (dict(seed=True), ValueError, "seed must be an int in"),
     (dict(skip_nonfinite=1), TypeError, "skip_nonfinite must be True or False"),
+    (dict(debias="no"), TypeError, "debias must be True or False, got 'no'"),       # (read as True before)
+    (dict(update_every=2, compensate="False"), TypeError, "compensate must be True or False"),
     (dict(device_step="yes"), TypeError, "device_step must be True, False or None"),
     (dict(offload="disk"), ValueError, "offload must be None or 'cpu'"),
     (dict(offload="cpu", skip_nonfinite=True), ValueError, "does not take device_step=True or skip_nonfinite"),

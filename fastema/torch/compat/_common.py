@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..._backends import device_of, layout
 from ...ops import cached_pairs, ema_update_many_
 from .._tensors.slots import bump_versions
 
@@ -14,11 +15,22 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def kernel_pair(t: torch.Tensor, s: torch.Tensor) -> bool:
     """True when fastema's kernels average ``t`` towards ``s`` as ``t.lerp_(s, w)`` does: float
-    dtypes, one device, memory (not meta), one layout. The kernels pair elements in storage
-    order and torch by index, so two layouts (``p.data = p.data.t()`` on a square weight) are
-    left to torch, as the originals compute every pair."""
+    dtypes, one device, memory (not meta), one dense layout. The kernels pair elements in storage
+    order and torch by index, so two layouts (``p.data = p.data.t()`` on a square weight) and a
+    slice (``target[:, :8]``: not dense) are left to torch, as the originals compute every pair."""
     return (t.dtype in _KERNEL_DTYPES and s.dtype in _KERNEL_DTYPES and t.device == s.device and not t.is_meta
-            and t.stride() == s.stride())
+            and t.stride() == s.stride() and layout(t.shape, t.stride()) is not None)
+
+
+def kernel_weight(w):
+    """A weight as the kernels read it: a float, or a float32 tensor on a GPU (read there: no sync).
+    A tensor on the CPU is read as a float (no sync); one of another dtype on a GPU is made float32
+    (one small copy a call)."""
+    if not isinstance(w, torch.Tensor):
+        return w
+    if device_of(w) == "cpu":
+        return float(w)
+    return w if w.dtype == torch.float32 else w.float()
 
 
 def _torch_lerp(t: torch.Tensor, s: torch.Tensor, weight: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import lerp_pairs
+from ._common import kernel_weight, lerp_pairs
 
 __all__ = ["get_ema_multi_avg_fn"]
 
@@ -27,7 +27,7 @@ def get_ema_multi_avg_fn(decay: float = 0.999):
         if ema_param_list[0].dtype in (torch.float32, torch.bfloat16, torch.float16):
             # torch's own lerp for the pairs the kernels do not take (a weight laid out unlike its
             # copy, channels_last after the copy was made; meta tensors), as the other drop-ins
-            lerp_pairs(ema_param_list, current_param_list, 1 - decay,
+            lerp_pairs(ema_param_list, current_param_list, kernel_weight(1 - decay),
                        names=("ema_param_list", "current_param_list"))
         elif torch.is_floating_point(ema_param_list[0]) or torch.is_complex(ema_param_list[0]):
             torch._foreach_lerp_(ema_param_list, current_param_list, 1 - decay)

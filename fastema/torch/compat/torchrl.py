@@ -20,8 +20,7 @@ except ImportError as err:        # pragma: no cover - the rl extra is missing
 
 import torch
 
-from ..._backends import device_of
-from ._common import lerp_pairs
+from ._common import kernel_weight, lerp_pairs
 
 __all__ = ["SoftUpdate", "HardUpdate"]
 
@@ -73,11 +72,7 @@ class SoftUpdate(_SoftUpdate):
             sources, targets = self._pending
         finally:
             del self._pending
-        w = 1 - self.eps
-        where = device_of(w) if isinstance(w, torch.Tensor) else None
-        if where is not None and (where == "cpu" or w.dtype != torch.float32):
-            w = float(w) if where == "cpu" else w.float()           # a GPU weight: float32
-        lerp_pairs(targets, sources, w)
+        lerp_pairs(targets, sources, kernel_weight(1 - self.eps))
 
 
 class HardUpdate(_HardUpdate):

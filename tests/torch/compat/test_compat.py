@@ -439,6 +439,25 @@ def test_tied_weights_in_model_ema_v3_are_averaged_once_and_deterministically():
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float32])
+def test_multi_avg_fn_takes_a_tensor_decay_of_any_float_dtype_as_torch_does(dtype):
+    """A float64 or bfloat16 0-d decay was taken by get_ema_multi_avg_fn and failed at the second
+    update ("weight must hold 1 element(s) of float32"); torch's takes it. Now read as the kernels
+    read a weight: bit for bit torch's."""
+    averaged = []
+    for fn in (compat.get_ema_multi_avg_fn, torch_multi_avg_fn):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        avg = AveragedModel(model, multi_avg_fn=fn(torch.tensor(0.9, dtype=dtype)))
+        for _ in range(3):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            avg.update_parameters(model)
+        averaged.append(avg.module.state_dict())
+    for k, v in averaged[1].items():
+        assert torch.equal(averaged[0][k], v), k
+
+
 @pytest.mark.parametrize("change", ["channels_last", "transposed"])
 def test_multi_avg_fn_takes_what_torch_takes_after_the_model_changed_layout(change):
     """``get_ema_multi_avg_fn`` refused a model moved to channels_last after its AveragedModel was

@@ -90,6 +90,19 @@ def test_polyak_update_equals_stable_baselines3_to_float32_rounding_and_tau_0_an
                 _within_float32_rounding(t, e, o, p)
 
 
+def test_polyak_update_of_slices_writes_them_as_sb3_does():
+    """A pair of equally strided slices (target[:, :8]) went to the kernels, which refused it as not
+    dense and advised .contiguous(), a copy the update never reaches. SB3 writes the slice: so does
+    the drop-in, with SB3's own arithmetic."""
+    utils = pytest.importorskip("stable_baselines3.common.utils")
+    torch.manual_seed(0)
+    src, target = torch.randn(8, 16), torch.randn(8, 16)
+    expected = target.clone()
+    utils.polyak_update([src[:, :8]], [expected[:, :8]], 0.5)
+    polyak_update([src[:, :8]], [target[:, :8]], 0.5)
+    assert torch.equal(target, expected) and not torch.equal(target[:, :8], src[:, :8])
+
+
 def test_tau_1_copies_batch_norm_running_statistics_as_sb3_does():
     """SB3's ``polyak_update(batch_norm_stats, batch_norm_stats_target, 1.0)``, with the statistics
     SB3's ``get_parameters_by_name(model, ["running_"])`` picks (num_batches_tracked, an integer, is not)."""
