@@ -176,11 +176,13 @@ class Attachment:
     # ------------------------------------------------------------ the step
 
     def stepping(self, optimizer, args, kwargs) -> None:
-        """The step pre-hook: refuse a step while the average is swapped into the model, before
-        the optimizer writes anything (it would step the average, and the swap back would keep
-        that as the average)."""
+        """The step pre-hook: refuse a step while the average is swapped into the model (it would
+        step the average, and the swap back would keep that as the average), and a GradScaler step
+        this average cannot skip with it, before the optimizer writes anything."""
         if torch.compiler.is_compiling():
             return
+        if getattr(optimizer, "found_inf", None) is not None and (self.cannot_skip or self.skipping is None):
+            raise self.skip_refused(self.cannot_skip or "")
         if self.bare and _params.unbare(KEY, optimizer, self.bare):   # Adam fills empty states only
             self.marked = -1                     # marked again after the step
         if self.face.stale:                # a registration since: attach()'s rule again

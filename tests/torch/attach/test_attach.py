@@ -84,11 +84,13 @@ def test_a_fused_skip_is_refused_where_the_face_cannot_skip_on_the_device(make, 
     model = net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     avg = make(model, tmp_path).attach(opt)
-    before = averaged(avg)
+    before, weights = averaged(avg), [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler("cpu")
     with pytest.raises(RuntimeError, match="GradScaler with found_inf.*cannot skip.*non-fused"):
         step(model, opt, batches(1)[0], scaler)
     assert same(averaged(avg), before)
+    # refused before the optimizer wrote anything (the post-hook's refusal came after the step)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and not opt.state
 
 
 def test_dcp_dummy_step_is_not_an_update_but_a_first_step_at_lr_0_is():
