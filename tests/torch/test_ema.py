@@ -512,6 +512,11 @@ def test_copy_to_a_compiled_model_writes_and_a_mismatch_raises_before_writing():
     with pytest.raises(ValueError, match="does not match.*nothing was copied"):
         ema.copy_to(other)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    half = copy.deepcopy(m).bfloat16()            # another dtype: torch's load would cast, without a word
+    before = [p.clone() for p in half.parameters()]
+    with pytest.raises(ValueError, match=r"0\.weight: torch\.float32\[4, 4\] vs torch\.bfloat16.*nothing was copied"):
+        ema.copy_to(half)
+    assert all(torch.equal(a, b) for a, b in zip(before, half.parameters()))
 
 
 # reliability review L1, L3-L5

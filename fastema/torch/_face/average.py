@@ -211,11 +211,11 @@ class TorchAverage(TorchFace):
         theirs = target.state_dict(keep_vars=True)
         missing = [k for k in theirs if k not in state]
         extra = [k for k in state if k not in theirs]
-        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(theirs[k].shape)}" for k in state
-                 if k in theirs and tuple(state[k].shape) != tuple(theirs[k].shape)]
+        wrong = [f"{k}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}" for k, a in state.items()
+                 if k in theirs and ((b := theirs[k]).shape, b.dtype) != (a.shape, a.dtype)]   # (load: a cast)
         if missing or extra or wrong:
             raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}, shapes {wrong[:5]}); nothing was copied")
+                             f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied")
         target.load_state_dict(state, strict=True)
 
     def join(self) -> None:
