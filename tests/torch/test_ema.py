@@ -527,6 +527,17 @@ def test_numpy_decays_are_accepted():
     assert ema.decay == pytest.approx(0.5)
 
 
+def test_exclude_and_copy_select_a_tied_tensor_by_any_of_its_names():
+    """exclude=["1.weight"] of a weight tied as 0.weight (GPT-2's lm_head.weight is wte.weight) did
+    nothing: named_parameters() gives a tie's first name only, and the export under the excluded
+    name held the average. Any of its names selects it now."""
+    for pattern in ("0.weight", "1.weight"):
+        m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        m[1].weight = m[0].weight
+        assert sorted(EMA(m, 0.5, exclude=[pattern]).state_dict()["averaged"]) == ["0.bias", "1.bias"], pattern
+        assert sorted(EMA(m, 0.5, copy=[pattern]).state_dict()["averaged"]) == ["0.bias", "1.bias"], pattern
+
+
 # reliability review L1, L3-L5
 def test_exclude_and_copy_take_one_pattern_as_a_str():
     m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))

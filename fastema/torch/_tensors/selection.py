@@ -77,11 +77,21 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
                         f"{wrapped[0]!r}): its parameters are rank-dependent pieces of flat "
                         "parameters. Use FSDP2 (torch.distributed.fsdp.fully_shard), or make "
                         "the EMA of an unwrapped copy of the model. Nothing was written.")
+    # every name of a tensor (named_parameters() gives a tie's first only): a pattern of any selects it
+    names_of: dict = {}
+    for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        for name, t in named:
+            names_of.setdefault(id(t), []).append(name)
+    # (a pattern that matches no name is taken: it may name tensors added later)
+
+    def named(name: str, t, patterns: tuple) -> bool:
+        return any(matches(n, patterns) for n in names_of.get(id(t), (name,)))
+
     # storage key -> first name: a tie or alias is averaged once
     seen: dict = {}
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            if matches(name, exclude) or (trainable_only and frozen(model, kind, name, t)):
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in tensors:
+            if named(name, t, exclude) or (trainable_only and frozen(model, kind, name, t)):
                 continue
             # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
             if _sharded.is_sharded(t):
@@ -94,7 +104,7 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
             if key is not None:
                 seen[key] = name
             if t.is_complex():
-                if not matches(name, copy):
+                if not named(name, t, copy):
                     raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages "
                                     "real floating tensors; list it in copy= to carry its "
                                     "latest value, or exclude= it")
@@ -103,7 +113,7 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
                 int_buffers[name] = (t, t.detach().clone())
             elif kind == "buffer" and buffers == "ignore":
                 continue
-            elif matches(name, copy) or (kind == "buffer" and buffers == "copy"):
+            elif named(name, t, copy) or (kind == "buffer" and buffers == "copy"):
                 copied[name] = t
             else:
                 averaged[name] = t
