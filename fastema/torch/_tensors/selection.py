@@ -84,14 +84,14 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
             names_of.setdefault(id(t), []).append(name)
     # (a pattern that matches no name is taken: it may name tensors added later)
 
-    def named(name: str, t, patterns: tuple) -> bool:
+    def selected_by(name: str, t, patterns: tuple) -> bool:
         return any(matches(n, patterns) for n in names_of.get(id(t), (name,)))
 
     # storage key -> first name: a tie or alias is averaged once
     seen: dict = {}
     for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in tensors:
-            if named(name, t, exclude) or (trainable_only and frozen(model, kind, name, t)):
+            if selected_by(name, t, exclude) or (trainable_only and frozen(model, kind, name, t)):
                 continue
             # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
             if _sharded.is_sharded(t):
@@ -104,7 +104,7 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
             if key is not None:
                 seen[key] = name
             if t.is_complex():
-                if not named(name, t, copy):
+                if not selected_by(name, t, copy):
                     raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages "
                                     "real floating tensors; list it in copy= to carry its "
                                     "latest value, or exclude= it")
@@ -113,7 +113,7 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
                 int_buffers[name] = (t, t.detach().clone())
             elif kind == "buffer" and buffers == "ignore":
                 continue
-            elif named(name, t, copy) or (kind == "buffer" and buffers == "copy"):
+            elif selected_by(name, t, copy) or (kind == "buffer" and buffers == "copy"):
                 copied[name] = t
             else:
                 averaged[name] = t
