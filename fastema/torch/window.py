@@ -55,7 +55,7 @@ class WindowAverage(TorchAverage):
                  trainable_only: bool | None = None, shard_replicas: Any = False):
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be an int >= 1 or None (cumulative mean), got {window!r}")
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         if ring_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ring_dtype must be 'float32' or 'bfloat16', got {ring_dtype!r}")

@@ -98,6 +98,7 @@ def test_checkpoint_resume_is_bit_identical():
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(window=0), "window must be"), (dict(window=2, every=0), "every"),
+                                          (dict(window=2, every=True), "^every must be an int >= 1, got True"),
                                           (dict(window=2, ring_dtype="float16"), "ring_dtype")])
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
