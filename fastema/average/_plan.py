@@ -123,6 +123,10 @@ class Plan:
     """
 
     def __init__(self, decay=None, *, update_every: int = 1, compensate: bool = False, debias: bool = False):
+        compensate, debias = as_python(compensate), as_python(debias)      # (a NumPy bool: a bool)
+        for name, flag in (("compensate", compensate), ("debias", debias)):
+            if not isinstance(flag, bool):          # ("no" read as True: momentum**k without a word)
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         cadence = Cadence(update_every)
         given = [0.9999] if decay is None else list(decay) if isinstance(decay, (list, tuple)) else [decay]
         if not 1 <= len(given) <= MAX_DECAYS:
@@ -150,9 +154,6 @@ class Plan:
                 raise ValueError(problem)
         self.schedules: list = schedules
         self.cadence = cadence              # counts the calls (shared with a model average that asks it)
-        for name, flag in (("compensate", compensate), ("debias", debias)):
-            if not isinstance(flag, bool):          # ("no" read as True: momentum**k without a word)
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.compensate, self.debias = compensate, debias
         self.updates = 0                    # updates made
         self.norms = [0.0] * self.rows      # debiasing normalisers

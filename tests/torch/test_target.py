@@ -328,6 +328,20 @@ def test_construction_refusals_name_the_tensor():
         "0.weight", "0.bias", "4.weight", "4.bias"]
 
 
+def test_exclude_names_a_tied_tensor_by_any_of_its_names():
+    """exclude=["2.weight"] of a weight tied as 0.weight (lm_head / wte) averaged it all the same:
+    named_parameters() gives a tie's first name only. Any of its names selects it now, as in EMA."""
+    def tied():
+        m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        m[2].weight = m[0].weight
+        return m
+
+    online = tied()
+    for pattern in ("0.weight", "2.weight"):
+        tn = TargetNetwork(online, copy.deepcopy(online), exclude=[pattern])
+        assert tn.names["averaged"] == ["0.bias", "2.bias"], pattern
+
+
 def test_a_zero3_parameter_outside_a_distributed_run_is_refused_by_name():
     """What DeepSpeed ZeRO-3 leaves on a module (an empty tensor, the partition in ``ds_tensor``) with no process
     group: refused by name before anything is read (tests/torch/sharding/test_zero3_pairs.py pairs real ones)."""

@@ -182,6 +182,8 @@ class Attachment:
         if torch.compiler.is_compiling():
             return
         if getattr(optimizer, "found_inf", None) is not None and (self.cannot_skip or self.skipping is None):
+            for name in ("grad_scale", "found_inf"):      # GradScaler's, which it removes only after a step
+                optimizer.__dict__.pop(name, None)      # that returns: a later step would see them
             raise self.skip_refused(self.cannot_skip or "")
         if self.bare and _params.unbare(KEY, optimizer, self.bare):   # Adam fills empty states only
             self.marked = -1                     # marked again after the step

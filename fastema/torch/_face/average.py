@@ -191,8 +191,7 @@ class TorchAverage(TorchFace):
         are looked through); anything else raises before a tensor is written, and so does an
         average holding inf or NaN (:attr:`allow_nonfinite`). The tensors written get their
         autograd version bumped, as by torch's ``copy_``: a backward through a graph that saved the
-        old weights raises.
-        """
+        old weights raises."""
         if (model is None or model is self.model) and torch.compiler.is_compiling():
             written, read = self.compiled.ops["copy_to"]
             torch.ops.fastema.copy_to_(written, read, self.compiled.handle, row)
@@ -215,7 +214,8 @@ class TorchAverage(TorchFace):
                  if k in theirs and ((b := theirs[k]).shape, b.dtype) != (a.shape, a.dtype)]   # (load: a cast)
         if missing or extra or wrong:
             raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied")
+                             f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied. Copy "
+                             f"into a model like it (to cast: model.load_state_dict(ema.averaged_state_dict()))")
         target.load_state_dict(state, strict=True)
 
     def join(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 import weakref
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -153,6 +153,21 @@ def watch(models, owner) -> None:
 def matches(name: str, patterns: Sequence[str]) -> bool:
     """Whether ``name`` matches one of the fnmatch ``patterns``."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def names_of(module: nn.Module, normal: Callable[[str], str] = str) -> dict[int, list[str]]:
+    """``id(tensor) -> every name it has in module`` (``normal`` of each): ``named_parameters()``
+    gives a tie's first name only, and a pattern that names it under another selects it too."""
+    out: dict[int, list[str]] = {}
+    for named in (module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)):
+        for name, t in named:
+            out.setdefault(id(t), []).append(normal(name))
+    return out
+
+
+def any_matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
+    """Whether one of ``names`` (a tensor's: :func:`names_of`) matches one of ``patterns``."""
+    return any(matches(n, patterns) for n in names)
 
 
 def patterns(what: str, value) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from ..._backends.torch import refuse_foreign, span
 from ...pairs import PairShadow, pair_groups
 from .._sharding import params as _sharded
 from .follow import Followed
-from .hooks import matches, normalize_name, unwrap, watch
+from .hooks import any_matches, names_of, normalize_name, unwrap, watch
 from .slots import Slots, bump_versions, copy_unless_flagged_, device_name
 
 __all__ = ["TorchPairs"]
@@ -27,11 +27,11 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _named(module: nn.Module, exclude: tuple, buffers: str) -> dict:
     """``normalised name -> (kind, tensor)`` of what a target network tracks in ``module``."""
-    out = {}
+    out, names = {}, names_of(module, normalize_name)      # (a tie by any of its names)
     for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
         for name, t in named:
             name = normalize_name(name)
-            if matches(name, exclude) or (kind == "buffer" and buffers == "ignore"):
+            if any_matches(names.get(id(t), [name]), exclude) or (kind == "buffer" and buffers == "ignore"):
                 continue
             out[name] = (kind, t)
     return out

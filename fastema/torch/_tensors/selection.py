@@ -13,7 +13,7 @@ from torch import nn
 
 from ..._backends.torch import refuse_foreign as _refuse_foreign_torch
 from .._sharding import params as _sharded
-from .hooks import matches, unwrap
+from .hooks import any_matches, names_of, unwrap
 from .slots import storage_key
 
 __all__ = ["SELECTION_DOCS", "Selection", "frozen", "is_peft_model", "resolve_trainable_only",
@@ -77,21 +77,14 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
                         f"{wrapped[0]!r}): its parameters are rank-dependent pieces of flat "
                         "parameters. Use FSDP2 (torch.distributed.fsdp.fully_shard), or make "
                         "the EMA of an unwrapped copy of the model. Nothing was written.")
-    # every name of a tensor (named_parameters() gives a tie's first only): a pattern of any selects it
-    names_of: dict = {}
-    for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-        for name, t in named:
-            names_of.setdefault(id(t), []).append(name)
-    # (a pattern that matches no name is taken: it may name tensors added later)
-
-    def selected_by(name: str, t, patterns: tuple) -> bool:
-        return any(matches(n, patterns) for n in names_of.get(id(t), (name,)))
-
+    # a tie's every name selects it (a pattern that matches no name is taken: it may name tensors added later)
+    names = names_of(model)
     # storage key -> first name: a tie or alias is averaged once
     seen: dict = {}
     for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in tensors:
-            if selected_by(name, t, exclude) or (trainable_only and frozen(model, kind, name, t)):
+            every = names.get(id(t), [name])       # (read before a shard stands for t)
+            if any_matches(every, exclude) or (trainable_only and frozen(model, kind, name, t)):
                 continue
             # FSDP2 / tensor parallel / ZeRO-3: this rank's local shard
             if _sharded.is_sharded(t):
@@ -104,7 +97,7 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
             if key is not None:
                 seen[key] = name
             if t.is_complex():
-                if not selected_by(name, t, copy):
+                if not any_matches(every, copy):
                     raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages "
                                     "real floating tensors; list it in copy= to carry its "
                                     "latest value, or exclude= it")
@@ -113,7 +106,7 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
                 int_buffers[name] = (t, t.detach().clone())
             elif kind == "buffer" and buffers == "ignore":
                 continue
-            elif selected_by(name, t, copy) or (kind == "buffer" and buffers == "copy"):
+            elif any_matches(every, copy) or (kind == "buffer" and buffers == "copy"):
                 copied[name] = t
             else:
                 averaged[name] = t

@@ -87,8 +87,10 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
     - Every check runs before any tensor is written: a refused call changes nothing, where
       SB3 has updated the pairs before the one ``zip(strict=True)`` stops at.
     - A pair listed twice (a tied weight) is averaged once; SB3 averages it twice.
-    - Pairs fastema's kernels do not take (complex dtypes, two layouts, meta tensors) are
-      computed with SB3's own two operations.
+    - Pairs fastema's kernels do not take (complex dtypes, two layouts, slices, meta tensors)
+      are computed with SB3's own two operations.
+    - A target that is its own parameter (a no-op in SB3) and a target listed twice with two
+      parameters (SB3 applies both in turn) are refused, naming ``shadows[i]`` / ``sources[i]``.
     """
     sources = list(params)
     targets = list(target_params)

@@ -91,6 +91,12 @@ def test_a_fused_skip_is_refused_where_the_face_cannot_skip_on_the_device(make, 
     assert same(averaged(avg), before)
     # refused before the optimizer wrote anything (the post-hook's refusal came after the step)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and not opt.state
+    # and GradScaler's attributes gone with it: a later step would read them (refused again, or a
+    # fused step unscaling twice)
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    avg.detach()
+    opt.step()                                      # a plain step goes on
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
 
 
 def test_dcp_dummy_step_is_not_an_update_but_a_first_step_at_lr_0_is():

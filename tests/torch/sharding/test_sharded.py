@@ -164,8 +164,14 @@ def _tied(rank):
     opt.step()
     ema.update()
     full = ema.full_state_dict()
+    try:                                     # copy= by the tie's second name: its only weight copied, none left
+        EMA(model, 0.5, copy=["head.weight"])   # (a shard stood for it, and only its first name was read)
+        by_alias = "averaged"
+    except ValueError as err:
+        by_alias = str(err)
     return {"tied/emb": full["emb.weight"], "tied/head": full["head.weight"],
-            "tied/ref": before.lerp(_full(model)["emb.weight"], 0.5), "tied/count": torch.tensor(len(ema._avg))}
+            "tied/ref": before.lerp(_full(model)["emb.weight"], 0.5), "tied/count": torch.tensor(len(ema._avg)),
+            "tied/copied_by_alias": torch.tensor("no floating-point parameters to average" in by_alias)}
 
 
 def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
@@ -212,6 +218,7 @@ def test_fsdp2_update_swap_and_export_exact_under_every_policy(tmp_path):
     for r in ranks:                                       # a tied weight: averaged once, exported under both names
         assert int(r["tied/count"]) == 1
         assert torch.equal(r["tied/emb"], r0["tied/ref"]) and torch.equal(r["tied/head"], r0["tied/ref"])
+        assert r["tied/copied_by_alias"]
     assert not r0["rank0_only_empty"] and r1["rank0_only_empty"]
 
 
