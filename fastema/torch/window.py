@@ -9,6 +9,7 @@ from torch import nn
 
 from .._shadow import AveragingShadow, WindowingShadow
 from ..average import Cadence, document
+from ..schedules import as_python
 from ._face.average import TorchAverage
 from ._face.contract import model_parts
 from ._placement.pick import PLACEMENT_DOCS, Placement, Window, make_shadow
@@ -53,7 +54,8 @@ class WindowAverage(TorchAverage):
     def __init__(self, model: nn.Module, window: int | None, *, every: int = 1, ring_dtype: str = "float32",
                  buffers: str = "copy", exclude: Sequence[str] = (), copy: Sequence[str] = (),
                  trainable_only: bool | None = None, shard_replicas: Any = False):
-        if window is not None and (not isinstance(window, int) or window < 1):
+        window, every = as_python(window), as_python(every)     # a NumPy int: its Python int, as EMA takes it
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be an int >= 1 or None (cumulative mean), got {window!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")

@@ -99,7 +99,15 @@ def test_checkpoint_resume_is_bit_identical():
 
 @pytest.mark.parametrize("kwargs,match", [(dict(window=0), "window must be"), (dict(window=2, every=0), "every"),
                                           (dict(window=2, every=True), "^every must be an int >= 1, got True"),
+                                          (dict(window=True), "window must be an int >= 1 or None"),
                                           (dict(window=2, ring_dtype="float16"), "ring_dtype")])
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         WindowAverage(make(), **kwargs)
+
+
+def test_numpy_ints_are_taken_as_ema_takes_them():
+    import numpy as np
+
+    avg = WindowAverage(make(), np.int64(3), every=np.int64(2))       # (refused before)
+    assert (avg.window, avg.every) == (3, 2) and type(avg.window) is int
