@@ -176,24 +176,25 @@ class Attachment:
     # ------------------------------------------------------------ the step
 
     def stepping(self, optimizer, args, kwargs) -> None:
-        """The step pre-hook: refuse a step while the average is swapped into the model (it would
-        step the average, and the swap back would keep that as the average), and a GradScaler step
-        this average cannot skip with it, before the optimizer writes anything."""
+        """The step pre-hook, before the optimizer writes: refuse a step while the average is swapped in
+        (it would step the average, which the swap back keeps) or a GradScaler step it cannot skip."""
         if torch.compiler.is_compiling():
             return
-        if getattr(optimizer, "found_inf", None) is not None and (self.cannot_skip or self.skipping is None):
-            for name in ("grad_scale", "found_inf"):      # GradScaler's, which it removes only after a step
-                optimizer.__dict__.pop(name, None)      # that returns: a later step would see them
-            raise self.skip_refused(self.cannot_skip or "")
-        if self.bare and _params.unbare(KEY, optimizer, self.bare):   # Adam fills empty states only
-            self.marked = -1                     # marked again after the step
-        if self.face.stale:                # a registration since: attach()'s rule again
-            _checks.missed(self.kind, self.face, optimizer, "after attach() (a submodule replaced?)")
-        if self.face.swapped:
-            raise RuntimeError(f"{type(optimizer).__name__}.step() inside average_parameters() "
-                               f"(or after swap()): the attached {self.kind}'s weights are in "
-                               f"the model, so the optimizer would step the average. Nothing was "
-                               f"stepped; step outside the block, or swap() back first")
+        try:
+            if getattr(optimizer, "found_inf", None) is not None and (self.cannot_skip or self.skipping is None):
+                raise self.skip_refused(self.cannot_skip or "")
+            if self.bare and _params.unbare(KEY, optimizer, self.bare):   # Adam fills empty states only
+                self.marked = -1                     # marked again after the step
+            if self.face.stale:                # a registration since: attach()'s rule again
+                _checks.missed(self.kind, self.face, optimizer, "after attach() (a submodule replaced?)")
+            if self.face.swapped:
+                raise RuntimeError(f"{type(optimizer).__name__}.step() inside average_parameters() (or after swap()): "
+                                   f"the attached {self.kind}'s weights are in the model, so the optimizer would step "
+                                   f"the average. Nothing was stepped; step outside the block, or swap() back first")
+        except BaseException:   # no step: GradScaler's marks off (it drops them after a step that returns only)
+            optimizer.__dict__.pop("grad_scale", None)
+            optimizer.__dict__.pop("found_inf", None)
+            raise
 
     def stepped(self, optimizer, args, kwargs) -> None:
         """The step post-hook: :meth:`after_step`, decided and run when the step runs. Inside a

@@ -25,7 +25,7 @@ from ...flat import FlatShadow
 from .._sharding import masters as _deepspeed
 from .._sharding import params as _sharded
 from .follow import Followed
-from .hooks import matches, patterns, unsynced, unwrap, watch
+from .hooks import any_matches, names_of, patterns, unsynced, unwrap, watch
 from .selection import Selection, frozen, resolve_trainable_only, select
 from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, tensors_of
 
@@ -212,10 +212,10 @@ class TorchModel(Followed):
         if not new:
             return
         known_memory = {local_key(now[n][1]) for n in now if n in self.known}
-        added = []
+        added, names = [], names_of(inner)            # (a tie: excluded by any of its names)
         for n in new:
             kind, t, persistent = now[n]
-            if matches(n, self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
+            if any_matches(names.get(id(t), [n]), self.exclude) or (kind == "buffer" and (self.buffers == "ignore" or (
                     not persistent and self.buffers == "copy"))):
                 continue
             if self.trainable_only and frozen(inner, kind, n, t):

@@ -94,9 +94,19 @@ def test_a_fused_skip_is_refused_where_the_face_cannot_skip_on_the_device(make, 
     # and GradScaler's attributes gone with it: a later step would read them (refused again, or a
     # fused step unscaling twice)
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
-    avg.detach()
-    opt.step()                                      # a plain step goes on
-    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_a_gradscaler_step_refused_inside_the_block_leaves_no_scale_behind():
+    """A fused step under GradScaler refused inside average_parameters() left GradScaler's grad_scale
+    and found_inf on the optimizer (GradScaler removes them after a step that returns): the next
+    scaler.step multiplied the old scale in, and the fused step unscaled by its square."""
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ema = EMA(model, D).attach(opt)
+    scaler = torch.amp.GradScaler("cpu")
+    with ema.average_parameters(), pytest.raises(RuntimeError, match="inside average_parameters"):
+        step(model, opt, batches(1)[0], scaler)
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
 
 
 def test_dcp_dummy_step_is_not_an_update_but_a_first_step_at_lr_0_is():

@@ -125,6 +125,18 @@ def test_added_tensors_that_are_excluded_ignored_or_aliases_are_fine(hooks):
         ft.registration_hooks(True)
 
 
+def test_an_added_tie_excluded_by_one_of_its_names_is_fine():
+    """A tensor added under two names (a new head tied to a new embedding), excluded by its second
+    name, was refused as untracked under its first: any of its names excludes it, as at construction."""
+    model = mlp(6, 32, 1, act=nn.Tanh)
+    ema = EMA(model, 0.5, exclude=["head.*"])
+    model.add_module("extra", nn.Linear(2, 2, bias=False))
+    model.add_module("head", nn.Linear(2, 2, bias=False))
+    model.head.weight = model.extra.weight
+    ema.update()                                                 # (refused before)
+    assert "extra.weight" not in ema.state_dict()["averaged"]
+
+
 def test_a_deleted_module_is_refused_with_or_without_hooks():
     model = mlp(6, 32, 1, act=nn.Tanh)
     ema = EMA(model, 0.9)
