@@ -215,7 +215,7 @@ class TorchAverage(TorchFace):
         if missing or extra or wrong:
             raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
                              f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied. Copy "
-                             f"into a model like it (to cast: model.load_state_dict(ema.averaged_state_dict()))")
+                             f"into a model like it (to cast: model.load_state_dict(average.averaged_state_dict()))")
         target.load_state_dict(state, strict=True)
 
     def join(self) -> None:
