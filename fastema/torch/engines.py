@@ -298,7 +298,8 @@ class WeightSource:
         average: a fastema torch average with ``iter_weights`` and ``weights_metadata``
             (:class:`~fastema.torch.EMA`, ``WindowAverage``, ``TargetNetwork``, ``PostHocEMA``).
         row: which average, passed on first where given: a row of a multi-decay EMA,
-            ``PostHocEMA``'s ``sigma_rel``; None for the average's default (row 0).
+            ``PostHocEMA``'s ``sigma_rel`` (the profile it synthesises: it has no default, give
+            one); None for the average's default (row 0).
         dtype: the wire dtype (the engine's, e.g. ``torch.bfloat16``), or None for the average's
             own.
         bucket_bytes: the gather bucket of ``iter_weights`` (bounds the extra memory while

@@ -25,7 +25,7 @@ from ..posthoc import (
     synthesize,
     write_snapshot,
 )
-from ..schedules import PowerFunction, gamma_to_sigma_rel
+from ..schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
 from ._sharding import params as _sharded
 from ._state.agree import Read
 from ._state.decisions import decided, findings, refuse_together
@@ -394,6 +394,10 @@ class PostHocEMA(EMA):
             return super().weights_metadata(row, dtype=dtype)
         if sigma_rel is None and gamma is None:                 # what iter_weights() would refuse, refused here
             raise ValueError("give sigma_rel= or gamma= (the profile to synthesise), or row= (a tracked profile)")
+        if sigma_rel is not None:          # (an engine allocates from the metadata before it iterates)
+            sigma_rel_to_gamma(sigma_rel)
+        if gamma is not None:
+            gamma_to_sigma_rel(gamma)
         return synthesized_meta(self._checkpoint, dtype)
 
     def __repr__(self) -> str:

@@ -258,9 +258,12 @@ class EMA:
         among them is refused by name with the copies holding the checkpoint's values, inf and NaN
         included (load a checkpoint whose EMA is finite, or ``load_state_dict({})``). An empty dict
         (a checkpoint without the EMA) cold-starts every copy from the current weights, as main
-        does (the model checked first, as at a firing). ``allow_nonfinite=True`` (None:
-        ``ema.allow_nonfinite``, which ``dcp.load`` reads) loads copies holding inf or NaN, with a
-        warning naming them: :meth:`repair_nonfinite` resets them."""
+        does (the model checked first, as at a firing); anything but a dict (None) is refused.
+        ``allow_nonfinite=True`` (None: ``ema.allow_nonfinite``, which ``dcp.load`` reads) loads
+        copies holding inf or NaN, with a warning naming them: :meth:`repair_nonfinite` resets them."""
+        if not isinstance(state_dict, Mapping):          # (None, a list: no cold start), refused on every rank
+            _state.agreed_load(self.tracked, f"load_state_dict takes the dict state_dict() gave (an empty one: a "
+                                             f"checkpoint without the EMA), got {type(state_dict).__name__}", True)
         if not state_dict:
             _state.agreed_load(self.tracked, self._model_problem(), False)
             self.shadow.copy_from_sources()

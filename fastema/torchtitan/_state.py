@@ -147,6 +147,9 @@ def load_flat_state_dict(tracked: Sequence[Tracked], shadow: FlatShadow, keys: S
             if tuple(shape) != expected:
                 problems.append(f"{name} has shape {tuple(shape)}, expected {expected}")
                 continue
+            if local.is_meta:                            # (its check would read no values: torch's error)
+                problems.append(f"{name} is a meta tensor, which holds no values: load a checkpoint that holds them")
+                continue
             if written:
                 in_place.append(name)
             # finite in the copy's dtype: a float64 1e300 lands in a float32 copy as inf

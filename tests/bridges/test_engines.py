@@ -678,6 +678,13 @@ def test_a_posthoc_synthesised_average_as_a_weight_source(tmp_path):
     for bucket in flattened_buckets(ema.iter_weights(0.07, dtype=torch.bfloat16), 8):
         sglang_update_weights_from_flattened_bucket(receiver, bucket)
     assert_same(receiver.got.items(), want)
+    # a profile synthesis refuses is refused when the source is made (its metadata allocates the
+    # engine's receivers), not when it is read: it was built, and failed only when iterated
+    for bad, said in ((5, "sigma_rel must be a number in"), ("abc", "sigma_rel must be a number in")):
+        with pytest.raises(ValueError, match=said):
+            WeightSource(ema, bad)
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        ema.weights_metadata(gamma=-1.0)
 
 def test_the_guides_hugging_face_recipe_runs_as_written(capsys):
     """The streamed copy into a transformers model (docs/guides/rl_teachers.md)."""

@@ -102,6 +102,13 @@ def test_a_direct_load_is_checked_whole_and_an_empty_one_cold_starts():
                                          r"or NaN; state.scale.ema_params.half_life_0p25 is missing"):
         ours.load_state_dict(bad)
     assert all(torch.equal(v, before[k]) for k, v in _rows(ours).items())
+    meta = {k: torch.empty_like(v, device="meta") for k, v in state.items()}      # (torch's bare .item() error)
+    with pytest.raises(ValueError, match="decay_0p9 is a meta tensor, which holds no values"):
+        ours.load_state_dict(meta)
+    for not_a_dict in (None, []):                 # (taken for a checkpoint without the EMA: a cold start)
+        with pytest.raises(ValueError, match=f"takes the dict state_dict\\(\\) gave.*got {type(not_a_dict).__name__}"):
+            ours.load_state_dict(not_a_dict)
+        assert all(torch.equal(v, before[k]) for k, v in _rows(ours).items())
     ours.load_state_dict({**state, "state.other.ema_params.decay_0p5": torch.zeros(1)})   # another's key: ignored
     assert all(torch.equal(v, main.copy(k)[n]) for (n, k), v in _rows(ours).items())
     ours.load_state_dict({})                                                              # cold start
