@@ -61,7 +61,9 @@ def export_hf(ema: EMA, directory: str | os.PathLike, key: str | None = None, *,
         t = by_id.get(id(value)) or by_memory.get(_memory(value)) or by_name.get(name)
         if t is not None:
             averages[name] = t
-    unmatched = sorted({t.fqn for t in ema.tracked} - {t.fqn for t in averages.values()})
+    # a non-persistent buffer is in no state dict, so in no file: nothing of it to write
+    unsaved = {n for model in ema.model_parts for n, _ in model.named_buffers()} - set(state)
+    unmatched = sorted({t.fqn for t in ema.tracked} - {t.fqn for t in averages.values()} - unsaved)
     if unmatched:
         raise ValueError(f"{len(unmatched)} averaged tensor(s) have no key in the model's state "
                          f"dict, e.g. {unmatched[:3]}: exporting would write the trained weights "

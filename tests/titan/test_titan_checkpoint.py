@@ -221,3 +221,22 @@ def test_a_tied_embedding_and_head_are_exported_as_the_average_under_both_names(
     assert set(got) == {"emb.weight", "head.weight", "alias"}
     for name, value in got.items():
         torch.testing.assert_close(value.double(), start + 0.5, rtol=0, atol=1e-6, msg=name)
+
+
+def test_an_averaged_non_persistent_buffer_is_left_out_of_the_export(tmp_path):
+    """A buffer_patterns match on a non-persistent buffer (a rope cache) made export_hf refuse every
+    export, saying it would write the trained weights: such a buffer is in no state dict and no file."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.lin = nn.Linear(4, 3)
+    m.register_buffer("rope", torch.randn(5), persistent=False)
+    ema = EMA.Config(decays=[0.5], buffer_patterns=["rope"]).build(model_parts=[m])
+    start = m.lin.weight.detach().double().clone()
+    with torch.no_grad():
+        m.lin.weight.add_(1.0)
+    ema.step(1)
+    got = load_file(export_hf(ema, tmp_path))
+    assert set(got) == {"lin.weight", "lin.bias"}
+    torch.testing.assert_close(got["lin.weight"].double(), start + 0.5, rtol=0, atol=1e-6)
