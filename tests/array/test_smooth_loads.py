@@ -145,6 +145,24 @@ def test_a_ctrl_c_while_the_checkpoint_is_read_leaves_the_smoother_as_it_was():
     assert np.array_equal(dst.ema, src.ema) and np.array_equal(dst.sma, src.sma, equal_nan=True)
 
 
+
+def _ctrl_c_at(event: str, name: str, call) -> None:
+    """``call()`` with a Ctrl-C delivered at the first ``event`` ("call" or "return") of a function
+    named ``name`` (a profile hook: no name of fastema replaced); KeyboardInterrupt expected."""
+    def interrupt(frame, ev, arg):
+        if ev == event and frame.f_code.co_name == name:
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.setprofile(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call()
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGINT, old)
+
 @pytest.mark.parametrize("weight", [2.0, np.full(2, 2.0)])
 def test_a_first_weighted_update_that_fails_leaves_the_unweighted_layout(weight):
     # The first sample_weight adds the weighted layout's arrays (zeros) for the launch to fill; a
@@ -156,19 +174,7 @@ def test_a_first_weighted_update_that_fails_leaves_the_unweighted_layout(weight)
         ref.update(np.array(v))
     before = _bits(s)
 
-    def interrupt(frame, event, arg):          # a Ctrl-C as the launch is made (no name of fastema replaced)
-        if event == "call" and frame.f_code.co_name == "launch_of":
-            sys.setprofile(None)
-            signal.raise_signal(signal.SIGINT)
-
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.setprofile(interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            s.update(np.array([7.0, 8.0]), sample_weight=weight)
-    finally:
-        sys.setprofile(None)
-        signal.signal(signal.SIGINT, old)
+    _ctrl_c_at("call", "launch_of", lambda: s.update(np.array([7.0, 8.0]), sample_weight=weight))
     assert _bits(s) == before and not s._weighted
     np.testing.assert_array_equal(s.sma, ref.sma)
     s.update(np.array([7.0, 8.0]), sample_weight=weight)
@@ -189,19 +195,7 @@ def test_a_ctrl_c_as_the_kernel_returns_leaves_the_update_whole(weight):
         s.update(np.array(v))
         ref.update(np.array(v))
 
-    def interrupt(frame, event, arg):          # a Ctrl-C as the kernel's run returns (no name replaced)
-        if event == "return" and frame.f_code.co_name == "run":
-            sys.setprofile(None)
-            signal.raise_signal(signal.SIGINT)
-
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.setprofile(interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            s.update(np.array([5.0, 6.0]), sample_weight=weight)
-    finally:
-        sys.setprofile(None)
-        signal.signal(signal.SIGINT, old)
+    _ctrl_c_at("return", "run", lambda: s.update(np.array([5.0, 6.0]), sample_weight=weight))
     ref.update(np.array([5.0, 6.0]), sample_weight=weight)
     assert _bits(s) == _bits(ref)
     again = Smoother(span=4, window=3)
