@@ -371,13 +371,25 @@ def flag_nonfinite_(flag, src):
 
 # ------------------------------------------------------------------ many pairs, caller-owned shadows
 
-def cached_pairs(shadows: list, sources: list) -> pairs.PairShadow | None:
+def cached_pairs(shadows: list, sources: list, called: str = "shadows", at: Sequence[int] | None = None
+                 ) -> pairs.PairShadow | None:
     """The :class:`fastema.pairs.PairShadow` of an earlier :func:`ema_update_many_` call over the same
     memory in the same dtypes, shapes and strides, or None: a miss, arrays with no cheap key, or
-    inside ``torch.compile``. The drop-ins' per-step path (then ``.update(...)``)."""
+    inside ``torch.compile``. The drop-ins' per-step path (then ``.update(...)``); ``called``: what
+    the list ``shadows`` is called in a refusal, ``at``: their positions there (``target_params[3]``)."""
     if (_READY or _MODULES.get("torch") is not None and _loaded()) and COMPILED["compiling"]():
         return None
-    return pairs.cached(shadows, sources)
+    return pairs.cached(shadows, sources, called, at)
+
+
+def update_named_pairs(shadows: list, sources: list, names: tuple[list, list], *, weight: Any) -> None:
+    """:func:`ema_update_many_` with a weight, its refusals naming ``shadows[i]`` and ``sources[i]``
+    by ``names`` (the drop-ins' arguments, ``target_params[3]``); inside ``torch.compile`` its
+    operator, which names positions."""
+    if (_READY or _MODULES.get("torch") is not None and _loaded()) and COMPILED["compiling"]():
+        COMPILED["ema_update_many_"](shadows, sources, weight=weight)
+        return
+    pairs.update_many(list(shadows), list(sources), None, names, weight=weight)
 
 
 @_compilable

@@ -258,28 +258,31 @@ def _described_key(tensors) -> tuple:
                  (describe(t, "tensor") for t in tensors))
 
 
-def cached(shadows: list, sources: list) -> PairShadow | None:
+def cached(shadows: list, sources: list, called: str = "shadows", at: Sequence[int] | None = None
+           ) -> PairShadow | None:
     """The PairShadow of an earlier :func:`of` over the same memory in the same dtypes, shapes and
     strides (every check passed then and holds now), or None: a miss, or arrays with no cheap key.
     The drop-ins' per-step path: a hit needs no look at the pairs beyond the key and the layout
-    check."""
+    check. ``called``: what the list ``shadows`` is called in a refusal, ``at``: the positions there of
+    ``shadows`` (default: their own): ``target_params[at[i]]``."""
     key = _cheap_key(shadows, sources)
     found = None if key is None else _PAIRS.hit(key, shadows + sources)
     if found is None:
         return None
     if found.recheck:               # what the framework refuses to write in place now (as lerp_)
-        check_written([shadows[i] for i in found.recheck], [f"shadows[{i}]" for i in found.recheck])
+        check_written([shadows[i] for i in found.recheck],
+                      [f"{called}[{i if at is None else at[i]}]" for i in found.recheck])
     return found.pairs
 
 
-def _of(shadows: list, sources: list) -> _Kept:
+def _of(shadows: list, sources: list, names: tuple[list, list] | None = None) -> _Kept:
     tensors = shadows + sources
     cheap = _cheap_key(shadows, sources)
     key = (_described_key(shadows), _described_key(sources)) if cheap is None else cheap
     found = _PAIRS.hit(key, tensors)
     if found is not None:
         return found
-    made = PairShadow(shadows, sources)
+    made = PairShadow(shadows, sources, names)
     if cheap is not None:           # arrays of one framework: its bump, one call
         recheck = tuple(i for i, s in enumerate(shadows) if moded(s))
         kept = _Kept(made, _backends.version_bump(shadows[0]) if shadows else None, recheck)
@@ -293,13 +296,15 @@ def of(shadows: list, sources: list) -> PairShadow:
     return _of(shadows, sources).pairs
 
 
-def update_many(shadows: list, sources: list, decay, **options) -> None:
+def update_many(shadows: list, sources: list, decay, names: tuple[list, list] | None = None, **options) -> None:
     """``shadows[i] <- lerp(shadows[i], sources[i], 1 - decay)`` through :func:`of`'s PairShadow
     (:func:`fastema.ema_update_many_`), then the written shadows' versions bumped (torch: as
-    ``_foreach_lerp_`` bumps them)."""
-    kept = _of(shadows, sources)
+    ``_foreach_lerp_`` bumps them). ``names``: as :class:`PairShadow`'s, for a first call's
+    refusals (a hit's pairs passed them)."""
+    kept = _of(shadows, sources, names)
     if kept.recheck:                # what the framework refuses to write in place now (as lerp_)
-        check_written([shadows[i] for i in kept.recheck], [f"shadows[{i}]" for i in kept.recheck])
+        check_written([shadows[i] for i in kept.recheck],
+                      [f"shadows[{i}]" if names is None else names[0][i] for i in kept.recheck])
     kept.pairs.update(decay, **options)
     if kept.bump is not None:
         kept.bump(shadows)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ..._backends import device_of, layout
-from ...ops import cached_pairs, ema_update_many_
+from ...ops import cached_pairs, update_named_pairs
 from .._tensors.slots import bump_versions
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -38,7 +38,7 @@ def _torch_lerp(t: torch.Tensor, s: torch.Tensor, weight: float) -> None:
 
 
 def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_torch_lerp,
-               names: tuple[str, str] = ("target_params", "params")) -> None:
+               names: tuple[str, str] = ("target_params", "params"), at: list | None = None) -> None:
     """``targets[i] <- lerp(targets[i], sources[i], weight)`` for every pair: one fastema launch per
     (device, dtype) group for the pairs the kernels take, and ``slow(t, s, weight)`` (torch's own
     lerp by default) under ``torch.no_grad()`` for the rest, as the originals compute them:
@@ -48,33 +48,38 @@ def lerp_pairs(targets: list, sources: list, weight: float, check=None, slow=_to
     The usual step (the same tensors as last time) is one launch per group after a key of the
     addresses (:func:`fastema.ops.cached_pairs`). Otherwise every pair is checked before
     anything is written: both torch tensors (``TypeError`` naming the position in the lists
-    ``names``, SB3's argument names by default), then ``check(i, t, s, fast)`` (``fast``: the
-    kernels take it), to refuse a call."""
+    ``names``, SB3's argument names by default, at the positions ``at``, default their own; every
+    refusal names them so), then ``check(i, t, s, fast)`` (``fast``: the kernels take it), to
+    refuse a call."""
     if not targets:
         return
     with torch.no_grad():                           # (its recheck of the targets: as written)
-        pairs = cached_pairs(targets, sources)      # the usual step: these pairs, as last time
+        pairs = cached_pairs(targets, sources, names[0], at)   # the usual step: these pairs, as last time
     if pairs is not None:
         pairs.update(weight=weight)
         bump_versions(targets)                      # as torch's _foreach_lerp_ does
         return
-    fast_t, fast_s, rest = [], [], []
+    fast_t, fast_s, fast_i, rest = [], [], [], []
     for i, (t, s) in enumerate(zip(targets, sources)):
         for name, x in zip(names, (t, s)):
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a torch.Tensor: pass the networks' "
-                                f"floating tensors (e.g. net.parameters()), one for one. Nothing was written.")
+                raise TypeError(f"{name}[{i if at is None else at[i]}] is a {type(x).__name__}, not a torch.Tensor: "
+                                f"pass the networks' floating tensors (e.g. net.parameters()), one for one. "
+                                f"Nothing was written.")
         fast = kernel_pair(t, s)
         if check is not None:
             check(i, t, s, fast)
         if fast:
             fast_t.append(t)
             fast_s.append(s)
+            fast_i.append(i)
         else:
             rest.append((t, s))
     if fast_t:
         with torch.no_grad():                       # as the originals write (their hit path: none)
-            ema_update_many_(fast_t, fast_s, weight=weight)   # caches the layout: the next step hits
+            where = fast_i if at is None else [at[i] for i in fast_i]
+            called = ([f"{names[0]}[{i}]" for i in where], [f"{names[1]}[{i}]" for i in where])
+            update_named_pairs(fast_t, fast_s, called, weight=weight)   # caches the layout: the next step hits
     if rest:
         with torch.no_grad():
             for t, s in rest:

@@ -108,9 +108,10 @@ class EMAModel:
                                    f"EMA beside the model first (ema.to({str(p.device)!r})), as diffusers' "
                                    f"--offload_ema does before step()")
         decay = self.get_decay(self.optimization_step + 1)
-        grads = [(s, p) for s, p in zip(self.shadow_params, parameters) if p.requires_grad]
+        grads = [i for i, p in enumerate(parameters) if p.requires_grad]
         if grads:
-            lerp_pairs([s for s, _ in grads], [p for _, p in grads], 1.0 - decay)
+            lerp_pairs([self.shadow_params[i] for i in grads], [parameters[i] for i in grads], 1.0 - decay,
+                       names=("shadow_params", "parameters"), at=grads)
         for s, p in zip(self.shadow_params, parameters):
             if not p.requires_grad:
                 s.copy_(p)

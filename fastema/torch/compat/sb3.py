@@ -90,7 +90,7 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
     - Pairs fastema's kernels do not take (complex dtypes, two layouts, slices, meta tensors)
       are computed with SB3's own two operations.
     - A target that is its own parameter (a no-op in SB3) and a target listed twice with two
-      parameters (SB3 applies both in turn) are refused, naming ``shadows[i]`` / ``sources[i]``.
+      parameters (SB3 applies both in turn) are refused, naming ``target_params[i]`` / ``params[i]``.
     """
     sources = list(params)
     targets = list(target_params)

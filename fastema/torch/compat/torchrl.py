@@ -72,7 +72,7 @@ class SoftUpdate(_SoftUpdate):
             sources, targets = self._pending
         finally:
             del self._pending
-        lerp_pairs(targets, sources, kernel_weight(1 - self.eps))
+        lerp_pairs(targets, sources, kernel_weight(1 - self.eps), names=("target_params", "source_params"))
 
 
 class HardUpdate(_HardUpdate):

@@ -249,6 +249,17 @@ def test_diffusers_EMAModel_refuses_bad_state_and_devices_and_changes_nothing():
         ema.step(net.parameters())
 
 
+def test_diffusers_EMAModel_refusals_name_shadow_params_at_their_positions():
+    # the trained parameters' pairs were named by their place among them (shadows[0]), the frozen ones left out
+    net = _net()
+    ema = compat.EMAModel(net.parameters())
+    first = next(net.parameters())
+    first.requires_grad_(False)                     # frozen: copied, not averaged
+    ema.shadow_params[1] = list(net.parameters())[1]      # the average is the parameter itself
+    with pytest.raises(ValueError, match=r"^shadow_params\[1\] and parameters\[1\] share memory"):
+        ema.step(net.parameters())
+
+
 def _transposed_midway(nets, each, steps=20):
     """The training loop, with the square weight ``nets[i][3].weight`` transposed in place of its
     storage (``p.data = p.data.t()``: same address and count, other strides) halfway."""

@@ -426,3 +426,20 @@ def test_polyak_update_of_a_target_torch_refuses_to_write_is_refused_at_every_ca
         with pytest.raises(RuntimeError, match="inference tensor"):
             polyak_update([param], [target], 0.5)
         assert torch.equal(target, torch.zeros(5))
+
+
+def test_polyak_update_refusals_name_sb3s_arguments_at_the_callers_positions():
+    # they named fastema's own lists (shadows[i] / sources[i]), at positions among the pairs the
+    # kernels take: a complex pair first made the aliased pair 1 "shadows[0]"
+    c, a, b = torch.zeros(2, dtype=torch.complex64), torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"^target_params\[1\] and params\[1\] share memory"):
+        polyak_update([c, a], [c.clone(), a], 0.5)
+    with pytest.raises(ValueError, match=r"^target_params\[2\] is target_params\[1\] again but with another "
+                                         r"source \(params\[2\] is not params\[1\]\)"):
+        polyak_update([c, b, b.clone()], [c.clone(), a, a], 0.5)
+    assert torch.equal(a, torch.zeros(3))
+    with torch.inference_mode():                   # taken in inference mode, then refused by the hit's recheck
+        target = torch.zeros(3)
+        polyak_update([b, b.clone()], [b.clone(), target], 0.5)
+    with pytest.raises(RuntimeError, match=r"^target_params\[1\] is an inference tensor"):
+        polyak_update([b, b.clone()], [b.clone(), target], 0.5)

@@ -79,7 +79,7 @@ def _lerp_towards(targets: list, sources: list, decay: float, cached: PairShadow
         cached.update(weight=1.0 - decay)
         bump_versions(targets)                  # as ema-pytorch's _foreach_lerp_ does
     else:
-        lerp_pairs(targets, sources, 1.0 - decay)
+        lerp_pairs(targets, sources, 1.0 - decay, names=("ema_tensors", "online_tensors"))
 
 
 class _Counters(nn.Module):
