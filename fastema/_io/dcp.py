@@ -19,7 +19,7 @@ import warnings
 from typing import Any, Callable
 
 from .dcp_unpickler import MAX_METADATA, PATHS, DcpMetadataUnpickler, named
-from .files import atomic_write
+from .files import atomic_write, system
 from .safe_files import first_line, fits, not_regular, open_regular, out_of_memory, regular, root_error
 
 __all__ = ["STALE_TMP_AGE", "check_dcp_metadata", "dcp_reader", "load_dcp_metadata", "remove_stale_tmps",
@@ -56,13 +56,19 @@ def save_dcp(base: str, tensors: dict, meta: dict, decide: Callable[[str | None]
 
     rank = dist.get_rank()
     tmp = f"{os.path.dirname(base)}/.{os.path.basename(base)}.tmp"
+    aside = tmp[:-len(".tmp")] + ".old"              # the snapshot of this time being replaced
     error = None
     if rank == 0:
-        if os.path.exists(tmp):
-            try:
+        try:
+            if os.path.lexists(aside):               # a save of this time killed between its renames:
+                if os.path.lexists(base):            # after (the new one in) or before (the old one back)
+                    shutil.rmtree(aside)
+                else:
+                    os.rename(aside, base)
+            if os.path.exists(tmp):
                 shutil.rmtree(tmp)                   # left by a snapshot that was killed
-            except OSError as err:
-                error = f"could not remove {tmp!r}, left by an earlier snapshot: {err}"
+        except OSError as err:
+            error = f"could not clear {tmp!r} / {aside!r}, left by an earlier snapshot: {err}"
         remove_stale_tmps(os.path.dirname(base) or ".", keep=os.path.basename(tmp))
     decide(error)
     try:
@@ -83,20 +89,39 @@ def save_dcp(base: str, tensors: dict, meta: dict, decide: Callable[[str | None]
         raise OSError(_errno_of(err), f"could not write the DCP snapshot {base!r}: {first_line(err)}{left}") \
             from None
     if rank == 0:
-        try:
-            if os.path.exists(base):                 # the same time again: the old metadata goes first
-                if os.path.exists(base + ".json"):
-                    os.unlink(base + ".json")
-                shutil.rmtree(base)
-            os.replace(tmp, base)
-            data = json.dumps({**meta, "kind": "dcp"}).encode()
-            atomic_write(base + ".json", lambda f: f.write(data))
-        except OSError as err:
-            error = str(err)
-            shutil.rmtree(base, ignore_errors=True)   # no .json: never read; not left behind either
-            shutil.rmtree(tmp, ignore_errors=True)    # (the rename failed)
+        error = _publish(tmp, base, aside, json.dumps({**meta, "kind": "dcp"}).encode())
     decide(error)
     return base
+
+
+def _publish(tmp: str, base: str, aside: str, data: bytes) -> str | None:
+    """The written ``tmp`` at ``base`` with its metadata ``data`` beside it (None), or why not (the
+    folder as it was: a snapshot of this time already there, renamed ``aside`` first, is put back,
+    its metadata untouched; a new one without metadata is never read and is removed)."""
+    import shutil
+
+    fs = system()
+    replacing = os.path.lexists(base)
+    try:
+        if replacing:
+            fs.rename(base, aside)
+        try:
+            fs.rename(tmp, base)
+            atomic_write(base + ".json", lambda f: f.write(data))
+        except BaseException:
+            if replacing:
+                if os.path.lexists(base):
+                    shutil.rmtree(base)
+                fs.rename(aside, base)
+            raise
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)        # (the rename failed)
+        if not replacing:
+            shutil.rmtree(base, ignore_errors=True)   # no .json: never read; not left behind either
+        return str(err)
+    if replacing:
+        shutil.rmtree(aside, ignore_errors=True)      # (left: the next save of this time removes it)
+    return None
 
 
 def remove_stale_tmps(directory: str, keep: str = "", *, age: float = STALE_TMP_AGE, now: float | None = None) -> list:

@@ -96,15 +96,17 @@ def check_folder(directory: str, run_id: str, time: float, seen: dict | None = N
         try:
             st = os.stat(path)                        # (a FIFO is not opened: snapshot_at refuses it)
         except OSError:
-            continue                                  # removed since the listing
+            if not os.path.lexists(path):
+                continue                              # removed since the listing
+            st = os.lstat(path)                       # a link to nothing: snapshot_at refuses it
         key = (name, st.st_size, st.st_mtime_ns, st.st_mode)
+        found = seen.get(key)
         if key not in seen:
             try:
                 snap = snapshot_at(directory, name)
-                seen[key] = None if snap is None else (snap.run_id, snap.time)
-            except (ValueError, OSError) as err:
-                seen[key] = ("unreadable", first_line(err))
-        found = seen[key]
+                found = seen[key] = None if snap is None else (snap.run_id, snap.time)
+            except (ValueError, OSError) as err:     # not kept: what it needs may be mended beside it
+                found = ("unreadable", first_line(err))   # (a DCP snapshot's folder put back)
         if found is None:
             continue
         if found[0] == "unreadable":

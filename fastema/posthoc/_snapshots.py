@@ -117,6 +117,9 @@ def snapshot_at(directory: str, name: str) -> Snapshot | None:
     path = os.path.join(directory, name)
     if not name.startswith("snapshot-"):
         return None
+    if name.endswith((".json", ".safetensors")) and os.path.islink(path) and not os.path.exists(path):
+        raise FileRefused(f"{path!r} is a symbolic link to nothing (to {os.readlink(path)!r}, or a loop of links): "
+                          f"a snapshot is made of regular files; move it out of the folder")
     if name.endswith(".json"):                    # a sharded model's DCP snapshot
         meta = _json_metadata(path)
         data = path[:-len(".json")]
@@ -124,7 +127,10 @@ def snapshot_at(directory: str, name: str) -> Snapshot | None:
         if m.kind != "dcp":
             raise ValueError(f"{path!r} is a snapshot's .json, but its kind is {m.kind!r}, not 'dcp'")
         if not os.path.isdir(data):
-            raise FileNotFoundError(f"{path!r} describes a DCP snapshot, but {data!r} is missing")
+            aside = os.path.join(directory, f".{os.path.basename(data)}.old")
+            mend = (f": a save of that time was stopped while it replaced it, and the old one is "
+                    f"{aside!r}; rename it back to {data!r}" if os.path.isdir(aside) else "")
+            raise FileNotFoundError(f"{path!r} describes a DCP snapshot, but {data!r} is missing{mend}")
     elif name.endswith(".safetensors"):
         data = path
         m = SnapshotMeta.from_metadata(_safetensors_metadata(path), path)

@@ -7,6 +7,7 @@ fastema's names only, never a live writer's (something in it written in the last
 folder holding anything but DCP's files, never a link."""
 import errno
 import os
+import shutil
 import time
 import warnings
 
@@ -172,3 +173,63 @@ def test_a_later_snapshot_removes_the_temporary_folders_a_dead_process_left_and_
     ph.snapshot()
     assert ".snapshot-000000000004.tmp" not in _tmps(snaps)
     assert [s.time for s in posthoc.read_snapshots(snaps)] == [3.0, 4.0]
+
+
+@needs_gloo
+@pytest.mark.parametrize("fails", ["metadata", "rename in"])
+def test_a_dcp_snapshot_of_a_time_already_stored_that_cannot_be_written_leaves_the_old_one(tmp_path, one_rank,
+                                                                                           fails):
+    # the old snapshot and its metadata were removed before the new one was written in: a full disk at
+    # the new metadata (or a failed rename) lost both
+    from fastema._io import files
+
+    class Full(files.FileSystem):
+        def sync_file(self, fd, path):
+            if fails == "metadata" and path.endswith(".json"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().sync_file(fd, path)
+
+        def rename(self, src, dst):
+            if fails == "rename in" and src.endswith(".tmp"):
+                raise OSError(errno.EIO, "Input/output error")
+            super().rename(src, dst)
+
+    snaps = tmp_path / "snaps"
+    net = _net()
+    ph = PostHocEMA(net, snapshot_every=None, path=snaps, shard_replicas=True)
+    _step(net, 0)
+    ph.update()
+    ph.snapshot()
+    before = posthoc.synthesize(snaps, sigma_rel=0.05)
+    with files.using(Full()), pytest.raises(SnapshotError):
+        ph.snapshot()                                         # the same time again
+    assert sorted(os.listdir(snaps)) == sorted(["snapshot-000000000001", "snapshot-000000000001.json",
+                                                ".fastema-run"])
+    after = posthoc.synthesize(snaps, sigma_rel=0.05)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    ph.snapshot()                                             # written again once the disk has room
+    assert sorted(os.listdir(snaps)) == sorted(["snapshot-000000000001", "snapshot-000000000001.json",
+                                                ".fastema-run"])
+
+
+@needs_gloo
+def test_a_dcp_snapshot_killed_between_its_renames_is_mended_by_the_next_save_of_that_time(tmp_path, one_rank):
+    snaps = tmp_path / "snaps"
+    net = _net()
+    ph = PostHocEMA(net, snapshot_every=None, path=snaps, shard_replicas=True)
+    _step(net, 0)
+    ph.update()
+    ph.snapshot()
+    old = snaps / ".snapshot-000000000001.old"
+    os.rename(snaps / "snapshot-000000000001", old)           # killed with the old one aside: the fix said
+    with pytest.raises(ValueError, match=r"the old one is '.*\.snapshot-000000000001\.old'; rename it back"):
+        ph.snapshot()
+    with pytest.raises(FileNotFoundError, match="rename it back"):
+        posthoc.read_snapshots(snaps)
+    os.rename(old, snaps / "snapshot-000000000001")
+    ph.snapshot()
+    shutil.copytree(snaps / "snapshot-000000000001", old)      # killed with the new one in: the old one removed
+    ph.snapshot()
+    assert sorted(os.listdir(snaps)) == sorted(["snapshot-000000000001", "snapshot-000000000001.json",
+                                                ".fastema-run"])
+    assert [s.time for s in posthoc.read_snapshots(snaps)] == [1.0]

@@ -524,6 +524,26 @@ def test_a_fifo_or_device_named_like_a_snapshot_file_is_refused_and_never_read(t
     assert rescue.rescued() == []
 
 
+@pytest.mark.parametrize("name", ["snapshot-000000000005.safetensors", "snapshot-000000000005.json"])
+@pytest.mark.parametrize("loop", [False, True])
+def test_a_link_to_nothing_named_like_a_snapshot_is_refused_by_the_writers_and_the_readers(tmp_path, capsys,
+                                                                                          name, loop):
+    # the writers' folder check skipped it (its stat failed: "removed since the listing"), and the readers
+    # failed with a bare "[Errno 2] No such file or directory" naming neither the link nor the fix
+    ph, run = _plain_run(tmp_path)
+    link = run / name
+    link.symlink_to(link if loop else tmp_path / "old-run" / name)
+    with pytest.raises(ValueError, match=rf"{name}' is a symbolic link to nothing .*move it out of the folder"):
+        posthoc.synthesize(run, 0.07, max_error=1.0)
+    rc, _, err = run_cli(capsys, run, "--sigma-rel", "0.07", "--max-error", "1", "--out", tmp_path / "o.pt")
+    assert rc == 1 and not (tmp_path / "o.pt").exists()
+    one_line(err, name, "symbolic link to nothing")
+    fresh = PostHocEMA(ph.model, snapshot_every=10, path=run)
+    with pytest.raises(ValueError, match=rf"not readable ones \({name}: .*symbolic link to nothing"):
+        fresh.update()
+    assert (fresh.updates, fresh.calls) == (0, 0)
+
+
 # --------------------------------------------------------------------------- writes that fail (M5)
 
 def _names(folder):
