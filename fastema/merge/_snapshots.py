@@ -90,7 +90,7 @@ class SnapshotSource(WholeTensorSource):
             self._keys[name] = kept_key(name)
             self.entries[name] = shared.entry(self._keys[name], name)
             self.copied.add(name)
-        self.profile = (float(snap.time), float(snap.gammas[row]))
+        self.profile = (float(snap.time), float(snap.gammas[row]), snap.run_id)
         self.step = snap.time
 
     def _tensor(self, name: str):

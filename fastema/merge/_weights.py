@@ -126,7 +126,8 @@ def merge_weights(style, count: int, *, steps: Sequence[float] | None = None, se
         steps: each input's training step (``ema:`` needs them, increasing; ``wsm:`` uses them
             when given).
         seed: the shuffle of ``__scramble`` (``random.Random(seed)``, as Megatron-LM).
-        profiles: ``(time, gamma)`` of each input, for ``sigma_rel:`` (post-hoc snapshots).
+        profiles: ``(time, gamma)`` of each input, for ``sigma_rel:`` (post-hoc snapshots), or
+            ``(time, gamma, run_id)``: the profiles of two runs, or one given twice, are refused.
         allow_negative: accept negative weights (else ValueError).
         max_error: ``sigma_rel:``'s largest relative L2 error (:func:`fastema.posthoc.solve`).
 
@@ -216,7 +217,7 @@ def _wsm(decay: str, s, count: int) -> tuple:
 
 
 def _sigma_rel(name: str, sigma_rel: float, profiles, count: int, max_error) -> tuple:
-    from ..posthoc import MAX_ERROR, solve
+    from ..posthoc import MAX_ERROR, same_run, solve
     from ..schedules import SIGMA_REL_MAX
 
     if profiles is None or len(profiles) != count or any(p is None for p in profiles):
@@ -224,8 +225,19 @@ def _sigma_rel(name: str, sigma_rel: float, profiles, count: int, max_error) -> 
                          f"snapshot) of fastema's PostHocEMA")
     if not sigma_rel < SIGMA_REL_MAX:
         raise ValueError(f"weights {name!r}: sigma_rel must be in (0, {SIGMA_REL_MAX:.4f})")
-    times = [t for t, _ in profiles]
-    gammas = [g for _, g in profiles]
+    runs = sorted({str(same_run(p[2])) for p in profiles if len(p) > 2})
+    if len(runs) > 1:
+        raise ValueError(f"weights {name!r} combine the profiles of one training run, but the inputs hold the "
+                         f"snapshots of {len(runs)} runs ({', '.join(runs)}): give one run's snapshots (its "
+                         f"folder, or files of it)")
+    seen: set = set()
+    for p in profiles:
+        if (p[0], p[1]) in seen:
+            raise ValueError(f"weights {name!r}: two stored profiles are one (time {p[0]:g}, gamma {p[1]:.6g}): "
+                             f"the snapshot of time {p[0]:g} is given twice; give each snapshot once")
+        seen.add((p[0], p[1]))
+    times = [p[0] for p in profiles]
+    gammas = [p[1] for p in profiles]
     sol = solve(times, gammas, sigma_rel=sigma_rel, max_error=MAX_ERROR if max_error is None else max_error)
     return list(sol.coefficients), (f"EDM2 post-hoc EMA sigma_rel={sigma_rel:g} (gamma {sol.gamma:.4g}) at time "
                                     f"{sol.time:g} from {count} stored profiles: relative L2 error {sol.error:.3g}, "

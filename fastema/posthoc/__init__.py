@@ -43,6 +43,7 @@ from ._snapshots import (  # noqa: F401
     kept_key,
     profile_key,
     read_snapshots,
+    same_run,
     snapshot_at,
     tensor_reader,
     valid_run_id,

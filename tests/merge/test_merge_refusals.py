@@ -244,3 +244,32 @@ def test_an_out_inside_an_input_folder_or_holding_an_input_is_refused(tmp_path):
         with pytest.raises(MergeError, match=words):
             merge_checkpoints(inputs, out, overwrite=True)
         assert fingerprint(inputs) == before
+
+
+def _posthoc_run(folder, seed):
+    from torch import nn
+
+    from fastema.torch import PostHocEMA
+
+    torch.manual_seed(seed)
+    net = nn.Linear(4, 3)
+    ph = PostHocEMA(net, snapshot_every=5, path=folder)
+    for _ in range(15):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ph.update()
+    return sorted(str(folder / n) for n in os.listdir(folder) if n.endswith(".safetensors"))
+
+
+def test_sigma_rel_weights_of_two_runs_or_one_snapshot_twice_are_refused(tmp_path):
+    # taken: two runs' snapshots were solved as one trajectory's, and a snapshot given twice made the
+    # least squares singular (condition 1e19), its weights noise
+    a, b = _posthoc_run(tmp_path / "a", 0), _posthoc_run(tmp_path / "b", 1)
+    refused(tmp_path, [tmp_path / "a", tmp_path / "b"], r"inputs hold the snapshots of 2 runs .*give one run's "
+            r"snapshots", weights="sigma_rel:0.07", allow_negative=True)
+    refused(tmp_path, a + b[-1:], "snapshots of 2 runs", weights="sigma_rel:0.07", allow_negative=True)
+    refused(tmp_path, a + a[-1:], r"two stored profiles are one \(time 15, gamma .*\): the snapshot of time 15 is "
+            r"given twice; give each snapshot once", weights="sigma_rel:0.07", allow_negative=True)
+    report = merge_checkpoints(a, tmp_path / "o.safetensors", weights="sigma_rel:0.07", allow_negative=True)
+    assert len(report.weights) == len(a) * 2                 # one run's files, each once: taken
