@@ -332,6 +332,7 @@ class _SafetensorsFile:
     def __init__(self, snap: Snapshot) -> None:
         self.path = snap.path
         self.checksums = snap.meta.checksums if snap.meta is not None else {}
+        self.checked = snap.meta is not None and snap.meta.version >= 2   # the writer's CRC of every tensor
         try:
             regular(snap.path)                  # a FIFO or device is refused, never opened
             self._f = open_regular(snap.path)
@@ -363,6 +364,11 @@ class _SafetensorsFile:
                              f"the others")
         if self._f.closed:
             raise ValueError(f"{path!r} was closed: its reader is not used after close()")
+        if self.checked and key not in self.checksums:
+            raise ValueError(f"{path!r} has no checksum of tensor {key!r} in its metadata, where fastema "
+                             f"writes one of every tensor: the snapshot was changed after it was written, "
+                             f"and a damaged tensor could not be told; move it out of the folder to "
+                             f"synthesise from the others")
         dtype, shape, nbytes, offset = self.tensors[key]
         fits(path, repr(key), nbytes, {os.path.basename(path): self.st})
         try:

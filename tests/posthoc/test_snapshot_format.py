@@ -89,6 +89,30 @@ def test_every_snapshot_names_its_run_and_every_tensors_shape_and_checksum(tmp_p
     assert PostHocEMA(_net(), snapshot_every=5, path=tmp_path / "other").run_id != ph.run_id
 
 
+@pytest.mark.parametrize("drop", ["all", "one"])
+def test_a_snapshot_whose_checksums_are_gone_is_refused_so_no_flipped_bit_goes_unseen(tmp_path, drop):
+    # a version-2 file without its checksums (or without one) was read unchecked: a flipped data bit then
+    # went into the synthesis
+    from safetensors.torch import load_file, save_file
+
+    net = _net()
+    ph = PostHocEMA(net, snapshot_every=5, path=tmp_path)
+    _run(ph, net, 0, 10)
+    f = tmp_path / "snapshot-000000000010.safetensors"
+    meta, tensors = _metadata(f), load_file(str(f))
+    crcs = json.loads(meta.pop("checksums"))
+    if drop == "one":
+        gone = sorted(crcs)[0]
+        del crcs[gone]
+        meta["checksums"] = json.dumps(crcs)
+    key = sorted(tensors)[0]
+    tensors[key].view(-1)[0] += 1.0                          # the bit flipped
+    save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(ValueError, match=r"snapshot-000000000010.safetensors' has no checksum of tensor '.*' in "
+                                         r"its metadata, where fastema writes one of every tensor"):
+        posthoc.synthesize(tmp_path, 0.07, max_error=1.0)
+
+
 def test_a_new_run_is_refused_in_a_folder_that_holds_another_runs_snapshots(tmp_path):
     """reliability H2: a second run in the same folder overwrote the first's snapshots and
     synthesised 0.9998 from weights it never saw; now its first update is refused, and nothing
