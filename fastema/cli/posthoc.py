@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from .._io.files import atomic_write
-from ..posthoc import MAX_ERROR, plot_profiles, pyplot, run_owns, synthesize
+from ..posthoc import MAX_ERROR, plot_profiles, pyplot, read_snapshots, run_owns, synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 from . import Parser, image_path, number, parse, writable
 
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
         if plot is not None:
             pyplot()                               # matplotlib, before anything is written
         if args.out is not None:
+            _storable(args.out, args.directory)
             weights = synthesize(args.directory, args.sigma_rel, gamma=args.gamma, time=args.time,
                                  max_error=MAX_ERROR if args.max_error is None else args.max_error)
             try:
@@ -137,11 +138,30 @@ def _probe(option: str, path: str) -> None:
                          f"write somewhere else") from None
 
 
+def _storable(path: str, directory: str) -> None:
+    """Refuse (ValueError naming ``--out``), before the synthesis, a safetensors ``path`` for tensors kept
+    as they are of a dtype safetensors has no name for (the snapshots store them as bytes: ``raw``)."""
+    if not path.lower().endswith(".safetensors"):
+        return
+    import torch
+    from safetensors.torch import save
+
+    raw = {k: v for snap in read_snapshots(directory) if snap.meta is not None for k, v in snap.meta.raw.items()}
+    for key, dtype in sorted(raw.items()):
+        try:
+            save({"probe": torch.empty(0, dtype=getattr(torch, dtype))})   # the safetensors _write uses
+        except (KeyError, TypeError, ValueError):            # (0.8: KeyError)
+            raise ValueError(f"--out {path!r}: the tensor {key.partition(':')[2]!r} is {dtype}, which this "
+                             f"safetensors cannot store; write a torch file (--out "
+                             f"{os.path.splitext(path)[0]}.pt), or keep the tensor out of the average's copied "
+                             f"tensors") from None
+
+
 def _write(path: str, weights: dict) -> None:
     import torch
 
     weights = {k: v.contiguous() for k, v in weights.items()}
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         from safetensors.torch import save
 
         data = save(weights, metadata={"format": "pt"})

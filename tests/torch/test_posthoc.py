@@ -617,6 +617,38 @@ def test_command_line_out_and_plot_of_one_file_or_a_plot_past_max_error_write_no
     assert w.exists() and p.exists()
 
 
+def test_command_line_out_safetensors_of_a_dtype_it_cannot_store_is_refused_before_the_synthesis(tmp_path, capsys):
+    # a complex128 buffer kept as it is: a traceback (safetensors' KeyError) after the whole synthesis; a
+    # torch file holds it. ".SAFETENSORS" was written as a torch file
+    class WithComplex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("z", torch.full((3,), 1 + 2j, dtype=torch.complex128))
+
+    net = WithComplex()
+    ph = PostHocEMA(net, snapshot_every=5, path=tmp_path / "run", copy=["z"])
+    for _ in range(10):
+        with torch.no_grad():
+            net.lin.weight.add_(0.1)
+        ph.update()
+    out = tmp_path / "ema.safetensors"
+    rc, _, err = run_cli(capsys, tmp_path / "run", "--sigma-rel", "0.07", "--out", out)
+    assert rc == 1 and not out.exists()
+    one_line(err, "--out", "'z' is complex128", "ema.pt")
+    rc, _, err = run_cli(capsys, tmp_path / "run", "--sigma-rel", "0.07", "--max-error", "1", "--out",
+                         tmp_path / "ema.pt")
+    assert rc == 0, err
+    assert torch.equal(torch.load(tmp_path / "ema.pt")["z"], net.z)
+    upper = tmp_path / "LIN.SAFETENSORS"
+    PostHocEMA(nn.Linear(2, 2), snapshot_every=1, path=tmp_path / "plain").update()
+    rc, _, err = run_cli(capsys, tmp_path / "plain", "--sigma-rel", "0.07", "--max-error", "inf", "--out", upper)
+    assert rc == 0, err
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(upper))) == {"weight", "bias"}
+
+
 def test_command_line_plot_prints_the_file_it_wrote(snaps, tmp_path, capsys):
     """reliability L2: ``--plot NAME`` without an extension wrote NAME.png and printed NAME."""
     pytest.importorskip("matplotlib")
