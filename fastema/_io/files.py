@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 from typing import Callable, Iterator
@@ -43,7 +44,7 @@ _TMP_PREFIX = ".fastema-"
 
 def atomic_write(path: str, write: Callable) -> None:
     """``write(f)`` into a temporary file in ``path``'s directory, then rename it to ``path``; the
-    file gets the mode a plain ``open`` would give (0666 less the umask). A failed write raises
+    file gets the mode a plain ``open`` would give (the old file's, else 0666 less the umask). A failed write raises
     ``OSError`` naming the path and the free space, and leaves the previous file as it was."""
     tmp = _written(path, write, "the previous file is unchanged")
     try:
@@ -82,7 +83,7 @@ def _written(path: str, write: Callable, unchanged: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{base}.{os.getpid()}@{socket.gethostname()}.",
                                suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             try:
                 write(f)
@@ -97,6 +98,16 @@ def _written(path: str, write: Callable, unchanged: str) -> str:
             os.unlink(tmp)
         raise
     return tmp
+
+
+def _mode_for(path: str) -> int:
+    """The mode a plain ``open(path, "wb")`` leaves: the file's own where one is there (a private
+    0600 checkpoint stays private), else 0666 less the umask."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0o666 & ~_umask()
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -703,6 +703,20 @@ def test_save_gets_the_umask_mode(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o644
 
 
+def test_save_over_a_file_keeps_its_mode_as_torch_save_does(tmp_path):
+    # the replacement got 0666 less the umask: a private 0600 checkpoint became readable by everyone
+    ema = EMA(nn.Linear(4, 4), 0.5)
+    for name in ("a.pt", "a.safetensors"):
+        (tmp_path / name).write_bytes(b"old")
+        os.chmod(tmp_path / name, 0o600)
+        ema.save(tmp_path / name)
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+    torch.save({}, tmp_path / "b.pt")                           # torch's own, for comparison
+    os.chmod(tmp_path / "b.pt", 0o600)
+    torch.save({}, tmp_path / "b.pt")
+    assert stat.S_IMODE(os.stat(tmp_path / "b.pt").st_mode) == 0o600
+
+
 # reliability review L9
 def test_save_removes_temporaries_of_killed_saves_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
