@@ -113,8 +113,8 @@ def make_plan(sources: list, options, readers: int | None = None) -> Plan:
             items.append(Item(name, "object", OBJECT, OBJECT, (), 0, "not a tensor", tied))
             continue
         kept = _KEPT.search(name)
-        why = ("optimizer state" if name in first.copied else "not a floating dtype" if not averaged(e.dtype) else
-               f"kept per checkpoint ({kept.group(2)})" if kept else why_not(name))
+        why = first.copied.get(name) or ("not a floating dtype" if not averaged(e.dtype) else
+                                         f"kept per checkpoint ({kept.group(2)})" if kept else why_not(name))
         if why:
             items.append(Item(name, "copy", e.dtype, e.dtype, e.shape, e.nbytes, why, tied))
             read += e.nbytes
@@ -130,6 +130,14 @@ def make_plan(sources: list, options, readers: int | None = None) -> Plan:
     if options.stochastic_rounding and not any(it.action == "average" and it.out_dtype == "bfloat16" for it in items):
         raise MergeError("stochastic_rounding rounds bfloat16 outputs, and no averaged tensor is written as bfloat16 "
                          "here: drop it, or pass dtype='bfloat16'")
+    style = options.weights
+    if options.seed and not options.stochastic_rounding and not (
+            isinstance(style, str) and style.strip().partition("__")[2] == "scramble"):
+        raise MergeError(f"seed={options.seed} seeds stochastic_rounding and __scramble weights, and this merge has "
+                         f"neither: drop it")
+    if options.optimizer and not any(it.why == "optimizer state" for it in items):
+        raise MergeError("optimizer=True keeps the optimizer state of torch inputs, and these inputs hold none: "
+                         "drop it")
     return Plan(items, src_index, read, written)
 
 

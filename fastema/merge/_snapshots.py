@@ -89,7 +89,7 @@ class SnapshotSource(WholeTensorSource):
         for name in snap.others:
             self._keys[name] = kept_key(name)
             self.entries[name] = shared.entry(self._keys[name], name)
-            self.copied.add(name)
+            self.copied[name] = "kept as it is by the snapshots"
         self.profile = (float(snap.time), float(snap.gammas[row]), snap.run_id)
         self.step = snap.time
 

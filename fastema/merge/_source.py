@@ -259,7 +259,7 @@ class Source:
         self.folder: str | None = None
         self.layout: dict | None = None
         self.dropped: list = []          # names of entries left out when reading (optimizer state)
-        self.copied: set = set()         # names copied, never averaged, whatever their dtype (optimizer state kept)
+        self.copied: dict = {}           # name -> why: copied, never averaged, whatever its dtype (optimizer state)
 
     def piece(self, name: str, lo: int, count: int, scratch: np.ndarray) -> int:
         """The address of elements ``[lo, lo + count)`` of tensor ``name`` (C order), valid until the

@@ -111,7 +111,7 @@ class TorchFileSource(Source):
                 if optimizer and isinstance(value, dict):
                     before = set(self.entries)
                     self._flatten(value, f"{key}.")
-                    self.copied |= set(self.entries) - before
+                    self.copied.update(dict.fromkeys(set(self.entries) - before, "optimizer state"))
                 else:
                     self.dropped.append(str(key))
             elif key not in _STEPS:
@@ -329,7 +329,7 @@ class DcpSource(WholeTensorSource):
                 self.entries[name] = Entry(name, OBJECT, (), 0)
             self._fqn[name] = key
             if key.startswith("optimizer"):
-                self.copied.add(name)
+                self.copied[name] = "optimizer state"
         self.step = step_from_name(path)
 
     def _tensor(self, name: str):

@@ -137,7 +137,11 @@ def test_options_that_would_change_nothing_are_refused_before_anything_is_writte
     for kwargs, says in (({"stochastic_rounding": True}, "no averaged tensor is written as bfloat16"),
                          ({"stochastic_rounding": True, "dtype": "float16"}, "pass dtype='bfloat16'"),
                          ({"max_error": 0.1}, "weights 'uniform' fit nothing"),
-                         ({"max_error": 0.1, "weights": "ema:0.9", "steps": [1, 2, 3]}, "max_error bounds the fit")):
+                         ({"max_error": 0.1, "weights": "ema:0.9", "steps": [1, 2, 3]}, "max_error bounds the fit"),
+                         ({"seed": 7}, r"seed=7 seeds stochastic_rounding and __scramble weights, and this merge "
+                                       r"has neither: drop it"),
+                         ({"optimizer": True}, "optimizer=True keeps the optimizer state of torch inputs, and these "
+                                               "inputs hold none: drop it")):
         with pytest.raises(MergeError, match=says):
             merge_checkpoints(paths, tmp_path / "out.safetensors", **kwargs)
         assert not os.path.exists(tmp_path / "out.safetensors")
@@ -145,6 +149,10 @@ def test_options_that_would_change_nothing_are_refused_before_anything_is_writte
     os.makedirs(tmp_path / "b")
     bf16 = [write(s, tmp_path / "b", "safetensors", i) for i, s in enumerate(states)]
     merge_checkpoints(bf16, tmp_path / "b.safetensors", stochastic_rounding=True)   # bfloat16 kept: taken
+    merge_checkpoints(paths, tmp_path / "s.safetensors", weights="minus-sqrt__scramble", seed=7)   # its shuffle
+    torch_paths, _ = checkpoints(tmp_path / "pt", "pt")
+    report = merge_checkpoints(torch_paths, tmp_path / "o.pt", optimizer=True)          # state to keep: taken
+    assert "optimizer state" in report.copied.values()
 
 
 def test_huggingface_folder_out_keeps_the_layout_and_small_files(tmp_path):

@@ -252,7 +252,7 @@ def _posthoc_run(folder, seed):
     from fastema.torch import PostHocEMA
 
     torch.manual_seed(seed)
-    net = nn.Linear(4, 3)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     ph = PostHocEMA(net, snapshot_every=5, path=folder)
     for _ in range(15):
         with torch.no_grad():
@@ -273,3 +273,5 @@ def test_sigma_rel_weights_of_two_runs_or_one_snapshot_twice_are_refused(tmp_pat
             r"given twice; give each snapshot once", weights="sigma_rel:0.07", allow_negative=True)
     report = merge_checkpoints(a, tmp_path / "o.safetensors", weights="sigma_rel:0.07", allow_negative=True)
     assert len(report.weights) == len(a) * 2                 # one run's files, each once: taken
+    assert "1.num_batches_tracked" in report.copied                          # the kept ones: said so (it said
+    assert set(report.copied.values()) == {"kept as it is by the snapshots"}  # "optimizer state")
