@@ -133,6 +133,23 @@ def test_warm_with_an_unknown_dtype_names_the_known_ones_and_exits_2(capsys):
         assert len(err.splitlines()) == 1 and "float32, bfloat16, float16, float64" in err, err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--cpu-only", "--set", "cu12", "--arch", "sm_90"], "--set and --arch go with --into DIR"),
+    (["--jobs", "4"], "--jobs go with --into DIR"),
+    (["--into", "{dir}", "--set", "cu12", "--dtypes", "float32"], "--dtypes warm this machine's caches"),
+    (["--into", "{dir}", "--set", "cu12", "--cpu-only"], "--cpu-only warm this machine's caches"),
+    (["--into", "{dir}", "--set", "cu12", "--jobs", "-5"], "--jobs: must be an int >= 1, got '-5'"),
+])
+def test_warm_options_of_the_other_mode_are_a_usage_error_before_anything_runs(capsys, tmp_path, args, says):
+    # taken and ignored: --set/--arch/--jobs without --into warmed the caches (exit 0), --jobs -5 was taken
+    from fastema.cli import warm
+
+    assert warm.main([a.format(dir=tmp_path / "store") for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "store").exists()
+
+
 def test_warm_reads_only_a_missing_numba_cuda_as_no_gpu(monkeypatch):
     """numba-cuda missing: no GPU to compile for (exit 0). A failure of its own (here a TypeError
     from ``cuda.is_available``) is raised, never read as "no GPU visible" (issue 72, item 5: the

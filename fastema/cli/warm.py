@@ -56,7 +56,7 @@ def _parser() -> Parser:
                 epilog="Exits 1 with the reason where the kernels cannot be cached (no writable folder, or one "
                        "others can write). Running it again compiles nothing.")
     ap.add_argument("--cpu-only", action="store_true", help="do not compile CUDA kernels even where a GPU is visible")
-    ap.add_argument("--dtypes", type=_dtypes, default=DTYPES, metavar="LIST",
+    ap.add_argument("--dtypes", type=_dtypes, default=None, metavar="LIST",
                     help=f"comma list of the model (and array) dtypes whose first uses to make, "
                          f"of {', '.join(DTYPES)} (default: all); a bfloat16 job needs bfloat16")
     ap.add_argument("--into", metavar="DIR", help="build a compiled set of the CUDA kernels into the shipped "
@@ -65,8 +65,32 @@ def _parser() -> Parser:
                     "CONTRIBUTING.md)")
     ap.add_argument("--arch", metavar="LIST", help="with --into: comma list of the set's images to build "
                     "(sm_90,compute_80; default: all of them)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="with --into: worker processes")
+    ap.add_argument("--jobs", type=_jobs, default=None, help="with --into: worker processes, an int >= 1 "
+                    "(default: this machine's CPU count)")
     return ap
+
+
+def _jobs(text: str) -> int:
+    """``--jobs``' type: an int >= 1, else a usage error."""
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return jobs
+
+
+def _mixed(args) -> str | None:
+    """Why the options given do not go together (None: they do): ``--set``, ``--arch`` and ``--jobs``
+    build a shipped set (``--into``), ``--cpu-only`` and ``--dtypes`` warm this machine's caches."""
+    into = [o for o, v in (("--set", args.set), ("--arch", args.arch), ("--jobs", args.jobs)) if v is not None]
+    warm = [o for o, v in (("--cpu-only", args.cpu_only), ("--dtypes", args.dtypes)) if v]
+    if args.into and warm:
+        return f"{' and '.join(warm)} warm this machine's caches, not --into's build: drop {' and '.join(warm)}"
+    if not args.into and into:
+        return f"{' and '.join(into)} go with --into DIR (a shipped set's build): add --into, or drop them"
+    return None
 
 
 def _build(args) -> int:
@@ -78,7 +102,7 @@ def _build(args) -> int:
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()] if args.arch else None
     try:
-        build(args.into, args.set, archs, jobs=args.jobs)
+        build(args.into, args.set, archs, jobs=args.jobs or os.cpu_count() or 1)
     except (ValueError, FileNotFoundError) as err:       # an unknown image, a toolchain not there
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
@@ -289,8 +313,13 @@ def main(argv=None) -> int:
     args = parse(_parser(), argv)
     if isinstance(args, int):
         return args
+    mixed = _mixed(args)
+    if mixed is not None:
+        print(f"{PROG}: error: {mixed}", file=sys.stderr)
+        return 2
     if args.into:
         return _build(args)
+    dtypes = args.dtypes or DTYPES
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -303,9 +332,9 @@ def main(argv=None) -> int:
               f"pip install 'numba>=0.59'", file=sys.stderr)
         return 1
     say("CPU kernels (the first uses of fastema's public paths, on tiny inputs"
-        + ("" if args.dtypes == DTYPES else f"; {', '.join(args.dtypes)} only") + "):")
+        + ("" if dtypes == DTYPES else f"; {', '.join(dtypes)} only") + "):")
     t = time.perf_counter()
-    total, folders, warned = _warm_cpu(say, args.dtypes)
+    total, folders, warned = _warm_cpu(say, dtypes)
     uncached = [f for f in folders if f is None]
     cached_in = sorted({f for f in folders if f is not None})
     if uncached:
