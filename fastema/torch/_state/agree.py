@@ -370,7 +370,8 @@ class Agreement:
 
     @property
     def split_id(self) -> int:
-        """The split's run id: rank 0's, agreed at construction; a load takes its checkpoint's."""
+        """The split's run id: rank 0's, agreed at construction; ``load_state_dict()`` takes its
+        checkpoint's (``dcp.load``'s template asks none: an unsplit or FSDP2 save has none)."""
         return int(self.side.avg.split_id or 0)
 
 

@@ -234,11 +234,12 @@ class TorchCheckpoint:
                                                                   for n in copied.names}),
                 "int_buffers": staged(side, {n: v[1] for n, v in side.int_buffers.items()}),
             }
-        if avg.split_id is not None:
+        template = loading()                             # dcp.load's template: no key a file may lack
+        if avg.split_id is not None and not template:    # (an unsplit or FSDP2 save has no split_id)
             state["split_id"] = self.agreement.split_id  # which split run the slices are of
         poisoned = self.nonfinite.saved(gathered)        # named in a warning; information, never loaded
-        if poisoned and not loading():                   # (a finite average's checkpoint: as it was;
-            state[RECORD] = poisoned                     # dcp.load's template: no key to miss)
+        if poisoned and not template:                    # (a finite average's checkpoint: as it was)
+            state[RECORD] = poisoned
         if gathered:
             for key in ("averaged", "ring"):
                 if isinstance(state.get(key), dict):
