@@ -30,12 +30,17 @@ class ModelSwap:
             raised (a split average's gather that failed after its first bucket was written); the
             state then says "in", so the way back (a swap) restores the raw weights. None: an
             exchange that raises changed nothing.
+        refused: ``refused(row, err)``: where the exchange is a collective (a split average's), a
+            swap refused before it (another row than the one in) joins it refusing with ``err``,
+            so every rank raises at once instead of the others waiting in it; None: raised here.
     """
 
-    def __init__(self, exchange: Callable[[int, bool], None], while_in: str, held: Callable[[], bool] | None = None):
+    def __init__(self, exchange: Callable[[int, bool], None], while_in: str, held: Callable[[], bool] | None = None,
+                 refused: Callable[[int, BaseException], None] | None = None):
         self._exchange = exchange
         self._while_in = while_in
         self._held = held
+        self._refused = refused
         self.row: int | None = None
 
     @property
@@ -45,7 +50,10 @@ class ModelSwap:
     def swap(self, row: int = 0) -> None:
         """Put average ``row`` into the model, or, when it is in, the model's own weights back."""
         if self.row is not None and row != self.row:
-            raise RuntimeError(f"average {self.row} is swapped in; swap it back first")
+            err = RuntimeError(f"average {self.row} is swapped in; swap it back first (swap({self.row}))")
+            if self._refused is not None:
+                self._refused(row, err)           # the other ranks' swap back refused too (raises)
+            raise err
         into = self.row is None
         with ctrl_c_held():                       # all of the exchange and the state, or none of it
             try:

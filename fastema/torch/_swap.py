@@ -46,11 +46,19 @@ class ShadowSwap:
         self.side, self.agreement, self.check_row = side, agreement, check_row
         self.nonfinite = nonfinite
         self.backup: Any = None        # a lossy swap's raw weights (float16 models): backup()
-        self.state = ModelSwap(self.exchange, _WHILE_IN, held=self.held)
+        self.state = ModelSwap(self.exchange, _WHILE_IN, held=self.held, refused=self.refused)
 
     def held(self) -> bool:
         """Whether part of the average is in the model after a swap in that raised (a split one)."""
         return self.side.avg.swapped
+
+    def refused(self, row: int, err: BaseException) -> None:
+        """:class:`~fastema.average.ModelSwap`'s swap refused before its exchange (``swap(row)`` of
+        another row than the one in): where the way back is a collective (a split average's), this
+        rank joins its agreement refusing, so every rank raises at once; raises."""
+        if self.agreement.groups(swap=True):
+            with self.agreement.agreed(Read("swap()", "back", row), swap=True):
+                raise err
 
     def exchange(self, row: int, swapping_in: bool) -> None:
         """:class:`~fastema.average.ModelSwap`'s exchange: average ``row`` in, or the raw weights
@@ -85,7 +93,7 @@ class ShadowSwap:
         agrees = collective or (checked and bool(self.agreement.groups()))    # sharded: its mesh
         agreed = (self.agreement.agreed(Read("swap()", "in" if swapping_in else "back", row),
                                         swap=True, checked=checked)
-                  if agrees else contextlib.nullcontext())
+                  if agrees else self.agreement.alone())
         try:
             with agreed:
                 side.settle()

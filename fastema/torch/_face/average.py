@@ -154,13 +154,12 @@ class TorchAverage(TorchFace):
     def swap(self, row: int = 0, *, allow_nonfinite: bool | None = None) -> None:
         """Put average ``row`` into the model in place; call again to put the raw weights back.
 
-        In place with no model-sized temporary when the shadow keeps an exact swap
-        (equal dtypes, or float32 shadow and bfloat16 weights). float16 weights with a
-        float32 shadow are backed up once instead (a float16-sized buffer), so the
-        float32 average is never rounded. Every tensor is checked before the first one is
-        written, so a refused swap leaves the model and the averages as they were; an average
-        holding inf or NaN is refused (:attr:`allow_nonfinite`; inside ``torch.compile`` the
-        setting decides).
+        In place with no model-sized temporary when the shadow keeps an exact swap (equal dtypes, or
+        float32 shadow and bfloat16 weights). float16 weights with a float32 shadow are backed up once
+        instead (a float16-sized buffer), so the float32 average is never rounded. Every tensor is
+        checked before the first one is written, so a refused swap leaves the model and the averages
+        as they were; an average holding inf or NaN is refused (:attr:`allow_nonfinite`; inside
+        ``torch.compile`` the setting decides).
         """
         if torch.compiler.is_compiling():
             compiled = self.compiled
@@ -200,8 +199,10 @@ class TorchAverage(TorchFace):
             with self._checkpoint.nonfinite.allowing(allow_nonfinite):
                 self._swapper.copy_to(row)
             return
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(model, nn.Module):     # refused in the read's agreement: on every rank at once
+            err = TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            with self._checkpoint.agreement.refusing(err):
+                self.full_state_dict(row, allow_nonfinite=allow_nonfinite)
         target = unwrap(model)
         if self.sharded and not any(map(_sharded.is_dtensor, target.parameters())):
             state = self.full_state_dict(row, allow_nonfinite=allow_nonfinite)   # collective
@@ -305,8 +306,8 @@ class TorchAverage(TorchFace):
         pieces, in this order, cut into buckets of at most ``bucket_bytes``, one broadcast from the
         rank holding a bucket, each full tensor made as its buckets come, so streaming adds one
         bucket and the largest tensor (HSDP: then one ``full_tensor()`` per parameter over the shard
-        dimension). Sharded tensors (FSDP2, tensor parallel, ZeRO) are gathered one
-        ``full_tensor()`` each; an offloaded average is brought to the device as it is read.
+        dimension). Sharded tensors (FSDP2, tensor parallel, ZeRO) are gathered one ``full_tensor()``
+        each; an offloaded average is brought to the device as it is read.
 
         **A collective where the average is sharded or split**: every rank must call it and iterate
         it, in step (the ranks not in ``to`` get an iterator that yields nothing, and iterate it
@@ -348,10 +349,9 @@ class TorchAverage(TorchFace):
         one copy of each flat shadow buffer in pinned memory (one device-to-host copy at full speed;
         torch's host allocator keeps the pinned block for the next call), and the entries are views of
         it (``torch.save`` writes each buffer's storage once); for a CPU shadow, a copy of each
-        tensor. On a sharded average
-        they are DTensors over this rank's copies, laid out as the parameters are (``(rows,
-        *shape)``, the parameter's shard dims moved up by one): the average is a
-        ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
+        tensor. On a sharded average they are DTensors over this rank's copies, laid out as the
+        parameters are (``(rows, *shape)``, the parameter's shard dims moved up by one): the average
+        is a ``torch.distributed.checkpoint`` ``Stateful``, and ``dcp.save({"ema": ema})`` /
         ``dcp.load({"ema": ema})`` work on any world size or mesh. ``dcp.load`` fills these copies,
         never the shadow: :meth:`load_state_dict` copies them in only once every check has passed on
         every rank, so a refused or failed load (NaN averages, a truncated shard) changes nothing.

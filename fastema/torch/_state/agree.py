@@ -324,6 +324,7 @@ class Agreement:
     def __init__(self, side, kind: str, calls: Callable[..., int]):
         self.side, self.kind, self.calls = side, kind, calls
         self.sequence = Sequence()          # the agreements made, alike on every rank
+        self.refusal: BaseException | None = None   # this rank's, raised in the next agreement (refusing())
 
     def groups(self, swap: bool = False) -> list:
         """``(process group, device type)`` of every group a collective read or load of this
@@ -366,13 +367,47 @@ class Agreement:
         groups = self.groups(swap) if gathers else []
         if checked and not groups:
             groups = self.groups()
-        return agreed(groups, read._replace(owner=self.kind), mine, self.sequence, differs)
+        block = agreed(groups, read._replace(owner=self.kind), mine, self.sequence, differs)
+        refusal, self.refusal = self.refusal, None
+        return block if refusal is None else _raising(block, refusal)
+
+    def alone(self) -> contextlib.AbstractContextManager:
+        """The block of a read that makes no agreement here (an unsplit swap): a refusal left for the
+        read's agreement (:meth:`refusing`) is raised now, before it."""
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None:
+            raise refusal
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def refusing(self, err: BaseException) -> Iterator[None]:
+        """The block of a read whose argument this rank refuses (``err``) before the read agrees:
+        ``err`` is raised inside the block's first agreement (:meth:`agreed`), so every rank of a split
+        or sharded average raises at once (never a hang), or at its end where it made none. Raised at
+        once where the average spans no group."""
+        if not (self.groups(swap=True) or self.groups()):
+            raise err
+        before, self.refusal = self.refusal, err
+        try:
+            yield
+        finally:
+            left, self.refusal = self.refusal, before
+        if left is err:                     # no agreement made: nothing collective
+            raise err
 
     @property
     def split_id(self) -> int:
         """The split's run id: rank 0's, agreed at construction; ``load_state_dict()`` takes its
         checkpoint's (``dcp.load``'s template asks none: an unsplit or FSDP2 save has none)."""
         return int(self.side.avg.split_id or 0)
+
+
+@contextlib.contextmanager
+def _raising(block, err: BaseException) -> Iterator[None]:
+    """``block`` (an agreement) entered and ``err`` raised inside it: this rank joins refusing."""
+    with block:
+        raise err
+    yield                                   # never reached: a context manager's generator
 
 
 def _replica_device(group) -> str:

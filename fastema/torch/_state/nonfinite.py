@@ -60,14 +60,17 @@ class NonFinite:
 
     @contextlib.contextmanager
     def allowing(self, allow: bool | None) -> Iterator[None]:
-        """The block's checks pass (``allow`` True) or check (False); None: :attr:`allowed` says."""
-        if allow is not None and not isinstance(allow, bool):
-            raise TypeError(f"allow_nonfinite must be True, False or None, got {allow!r}")
-        before, self._allow = self._allow, allow
-        try:
-            yield
-        finally:
-            self._allow = before
+        """The block's checks pass (``allow`` True) or check (False); None: :attr:`allowed` says. Any
+        other ``allow`` is refused inside the block's read's agreement (on a split or sharded average
+        every rank raises at once: :meth:`~.agree.Agreement.refusing`)."""
+        bad = allow is not None and not isinstance(allow, bool)
+        with self.agreement.refusing(TypeError(f"allow_nonfinite must be True, False or None, got "
+                                               f"{allow!r}")) if bad else contextlib.nullcontext():
+            before, self._allow = self._allow, None if bad else allow
+            try:
+                yield
+            finally:
+                self._allow = before
 
     @contextlib.contextmanager
     def entering(self, block: ContextManager, allow: bool | None,
