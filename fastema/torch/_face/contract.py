@@ -24,7 +24,7 @@ import torch
 
 from ..._shadow import AveragingShadow, Shadow, Updatable, WindowingShadow
 from ...average import Average, Cadence, DevicePlan, ModelSwap, Plan
-from .._state.agree import Agreement
+from .._state.agree import Agreement, plan_digest
 from .._state.checkpoint import CheckpointCore, TorchCheckpoint
 from .._state.nonfinite import NonFinite
 from .._state.peft import announce
@@ -239,7 +239,12 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
         on a GPU: :meth:`Average.plan_now`, for reads, never in a step); ``replayed=None``: the
         host's count as it is (a stream's check between its two reads of the device)."""
         return cadence.calls if engine is None else engine.plan_now(replayed).calls
-    agreement = Agreement(side, kind, calls)
+
+    def counters() -> int:
+        """A digest of the host plan's counters (ranks that passed other ``update(step=)`` differ
+        there): host numbers, read at reads only, after ``calls()``; a window's: 0 (its calls say it)."""
+        return 0 if engine is None else plan_digest(engine.plan.state())
+    agreement = Agreement(side, kind, calls, counters)
     nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired
     swap = ShadowSwap(side, agreement, core.check_row, nonfinite)
     side.attach(shadow, check=functools.partial(swap.state.refuse, "update()"),

@@ -13,10 +13,10 @@ the others' slices. What breaks that silently or hangs it, and how this module s
   directions) would pair gathers of different things and mix raw and averaged slices. Each rank's
   :class:`Read` (its kind, direction and row) travels in the exchange, and every rank refuses,
   naming both;
-- ranks whose slices are not of one state (a rank skipped an ``update()``, loaded another save's
-  file) would gather a mix of two steps. Each rank's :class:`Stamp` (``update()`` calls, the split's
-  run id, a digest of the counters of what it loads) travels in the same exchange, and every rank
-  refuses alike;
+- ranks whose slices are not of one state (a rank skipped an ``update()``, passed another
+  ``update(step=)``, loaded another save's file) would gather a mix of two steps. Each rank's
+  :class:`Stamp` (``update()`` calls, the split's run id, a digest of the counters of what it loads,
+  one of its average's counters) travels in the same exchange, and every rank refuses alike;
 - ranks out of step (a read that ran on some ranks only, a rank still inside another collective)
   would pair an exchange with another rank's gather bucket and read data as a header. The header
   starts with a magic number and the average's sequence number (:class:`Sequence`: the exchanges
@@ -49,14 +49,14 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 __all__ = ["KINDS", "MAGIC", "SIZE", "Agreement", "Disagreement", "Read", "Sequence", "Stamp",
-           "agree", "agreed", "load_stamp"]
+           "agree", "agreed", "load_stamp", "plan_digest"]
 
 #: the collective reads and loads, by the method making them (what :class:`Read`'s ``kind`` names)
 KINDS = ("swap()", "copy_to()", "averaged_state_dict()", "full_state_dict()", "state_dict()",
          "load_state_dict()", "save()", "iter_weights()", "snapshot()",
          "start()")       # start(): a training loop's start (fastema.torch.target.made_on_every_rank)
 MAGIC = int.from_bytes(b"fastema\x07", "little")   # every header's first field (an int64 > 0)
-_FIELDS = 22      # int64: see _fresh_state
+_FIELDS = 26      # int64: see _fresh_state
 _NAME = 80        # bytes of a read's name; four of them: the lowest and highest read's, the lowest
                   # and highest sequence number's
 SIZE = 1024       # bytes a rank sends: the fields, the names, then a refusal's reason (UTF-8, cut)
@@ -73,10 +73,12 @@ class Disagreement(RuntimeError, ValueError):
 
 class Stamp(NamedTuple):
     """What a rank's slice is: ``update()`` calls so far, the split's run id (agreed at construction;
-    0 where there is none), and a digest of the counters of the state it reads or loads (0: none)."""
+    0 where there is none), a digest of the counters of the state it loads or of the read's arguments
+    (0: none), and a digest of the counters of the average it reads (:func:`plan_digest`; 0: none)."""
     calls: int
     run: int = 0
     digest: int = 0
+    plan: int = 0
 
 
 class Read(NamedTuple):
@@ -113,15 +115,16 @@ def _cut(text: str, size: int) -> bytes:
 
 
 def _fresh_state(me: int, seq: int, read: int, refused: bool, stamp: Stamp) -> list:
-    c, r, d = _int64(stamp.calls), _int64(stamp.run), _int64(stamp.digest)
+    c, r, d, p = _int64(stamp.calls), _int64(stamp.run), _int64(stamp.digest), _int64(stamp.plan)
     return [MAGIC,
             seq, me, seq, me,        # 1-4 sequence number: lowest, its global rank, highest, its
             read, me, read, me,      # 5-8 the read's digest: the same
             int(refused), me,        # 9-10 refused, and the refusing global rank
-            0,                       # 11 what differs: 1 calls, 2 run id, 4 digest
+            0,                       # 11 what differs: 1 calls, 2 run id, 4 digest, 8 plan
             c, me, c, me,            # 12-15 calls: lowest, its rank, highest, its rank
             r, r, d, d,              # 16-19 run id: lowest, highest; digest: lowest, highest
-            -1, -1]                  # 20-21 a rank that received no header, and its sender
+            -1, -1,                  # 20-21 a rank that received no header, and its sender
+            p, me, p, me]            # 22-25 the plan's digest: lowest, its rank, highest, its rank
 
 
 def agree(groups: list, read: Read, mine: Stamp, seq: Sequence,
@@ -205,8 +208,12 @@ def _merge(state: list, names: list, h: list, got: list, row: torch.Tensor, text
     state[18], state[19] = min(state[18], h[18]), max(state[19], h[19])
     if state[20] < 0 <= h[20]:
         state[20], state[21] = h[20], h[21]
+    if (h[22], h[23]) < (state[22], state[23]):
+        state[22], state[23] = h[22], h[23]
+    if (h[24], -h[25]) > (state[24], -state[25]):
+        state[24], state[25] = h[24], h[25]
     state[11] |= ((state[12] != state[14]) | (state[16] != state[17]) << 1
-                  | (state[18] != state[19]) << 2)
+                  | (state[18] != state[19]) << 2 | (state[22] != state[24]) << 3)
     return text
 
 
@@ -262,6 +269,12 @@ def _differ(what: str, state: list, differs: str | None = None) -> str:
     elif mask & 2:
         said = f"{lo} update() calls on every rank, split run ids differ"
         why = "the ranks loaded checkpoints of different runs, or made their averages separately"
+    elif mask & 8:
+        said = (f"{lo} update() calls on every rank, but the counters of rank {state[23]}'s average (its "
+                f"updates, the first and last update's step, its schedules) differ from rank {state[25]}'s")
+        why = ("the ranks passed different update(step=), each folding its slice with another decay: "
+               "pass the same step on every rank (the global step, not a count of this rank's samples), "
+               "or they updated differently")
     elif differs is not None:             # the read's own arguments (iter_weights: dtype, to...)
         return (f"{what}: the ranks called it with other {differs} ({lo} update() calls on every "
                 f"rank). Every rank joins each gather of the read, so pass the same {differs} on "
@@ -295,6 +308,13 @@ def agreed(groups: list, read: Read, mine: Stamp, seq: Sequence,
     agree(groups, read, mine, seq, differs=differs)
 
 
+def plan_digest(state: dict) -> int:
+    """A digest of a plan's counters (``Plan.state()``, a checkpoint's): its calls, updates, first
+    and last update's time, schedules, a post-hoc run's snapshots and pushes. Host numbers only."""
+    return zlib.crc32(repr([state.get(k) for k in ("calls", "updates", "schedules", "snapshots", "pushes",
+                                                   "first_time", "last_time")]).encode())
+
+
 def load_stamp(state) -> Stamp:
     """What a loading rank's checkpoint is (:class:`Stamp`): its update count, split
     run id and a digest of its counters, so ranks loading different saves refuse alike. Never raises
@@ -302,10 +322,8 @@ def load_stamp(state) -> Stamp:
     if not isinstance(state, dict):
         return Stamp(-1)
     calls, run = state.get("calls"), state.get("split_id", 0)
-    counters = [state.get(k) for k in ("calls", "updates", "schedules", "snapshots", "pushes",
-                                       "first_time", "last_time")]   # not PostHocEMA's run_id
     return Stamp(calls if type(calls) is int else -1, run if type(run) is int else -1,
-                 zlib.crc32(repr(counters).encode()))
+                 plan_digest(state))                 # not PostHocEMA's run_id
 
 
 class Agreement:
@@ -319,10 +337,13 @@ class Agreement:
         calls: ``update()`` calls so far (what every rank must agree on before a read gathers);
             ``calls(True)``: the device's count (one sync on a GPU: CUDA graph replays count there);
             ``calls(None)``: the host's as it is.
+        plan: a digest of the host plan's counters (:func:`plan_digest`; 0: none), what every rank's
+            read compares besides the calls (ranks that passed other ``update(step=)``): host
+            numbers, read at reads only.
     """
 
-    def __init__(self, side, kind: str, calls: Callable[..., int]):
-        self.side, self.kind, self.calls = side, kind, calls
+    def __init__(self, side, kind: str, calls: Callable[..., int], plan: Callable[[], int] = lambda: 0):
+        self.side, self.kind, self.calls, self.plan = side, kind, calls, plan
         self.sequence = Sequence()          # the agreements made, alike on every rank
         self.refusal: BaseException | None = None   # this rank's, raised in the next agreement (refusing())
 
@@ -363,7 +384,7 @@ class Agreement:
         (an average holding inf or NaN, :mod:`.nonfinite`), so a sharded average's ranks agree over
         its mesh even where the read gathers nothing. ``differs``: what differing stamp digests
         mean."""
-        mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id)
+        mine = stamp if stamp is not None else Stamp(self.calls(), self.split_id, 0, self.plan())
         groups = self.groups(swap) if gathers else []
         if checked and not groups:
             groups = self.groups()

@@ -161,7 +161,7 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
     box: list = []
     agreement = ckpt.agreement
     stamp = None if whole else Stamp(agreement.calls(None), agreement.split_id,      # the host's
-                                     _digest(row, dtype, bucket_bytes, to))
+                                     _digest(row, dtype, bucket_bytes, to), agreement.plan())
     with agreement.agreed(read, stamp=stamp, differs=_DIFFERS):
         calls = agreement.calls(True)          # the device's, once (CUDA graph replays count it)
         if check is not None:
