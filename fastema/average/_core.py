@@ -48,7 +48,7 @@ class Face:
 
     @property
     def decay(self) -> float | list[float]:
-        """The decay(s) the next ``update()`` will use: Python floats (read as :attr:`plan` is)."""
+        """The decay(s) the next ``update()`` will use: Python floats, read as :attr:`plan` is (:attr:`Plan.decay`)."""
         return self._core.plan_now().decay
 
     @property

@@ -196,8 +196,13 @@ class Plan:
 
     @property
     def decay(self) -> float | list[float]:
-        """The decay(s) the next update will use (timed schedules: if made by the next call)."""
-        d = [self.decay_at(i, self.updates + 1) for i in range(self.rows)]
+        """The decay(s) the next update will use if made by the next call with no ``step=`` (what
+        :meth:`next` gives it). Where a schedule over training time would refuse that call (the last
+        update was at a ``step=`` past the calls so far: the next call needs one), the decay(s) of an
+        update at the last update's step, the earliest step the next call may take (1.0 where such an
+        update folds nothing: a half-life's, a power function's, a merge schedule's)."""
+        past = self.timed and self.time_of(None) < self.last_time
+        d = list(self.next(int(self.last_time) if past else None).decays)     # records nothing
         return d[0] if len(d) == 1 else d
 
     def alpha(self, pending: Pending) -> float:

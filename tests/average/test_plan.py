@@ -99,3 +99,51 @@ def test_a_step_schedule_whose_steps_went_back_round_trips():
     assert state["first_time"] > state["last_time"]
     ema.load_state_dict(state)
     assert ema.updates == 3
+
+
+def _folds_with(ema, model, said, step=None) -> None:
+    """The next update (at ``step``) folds each row with the decay ``ema.decay`` said (``said``):
+    against a float64 reference ``d * old + (1 - d) * x``."""
+    said = said if isinstance(said, list) else [said]
+    before = [{k: v.double() for k, v in ema.averaged_state_dict(r).items()} for r in range(ema.rows)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    x = {k: v.double() for k, v in model.state_dict().items()}
+    ema.update(step=step)
+    for r, d in enumerate(said):
+        got = ema.averaged_state_dict(r)
+        for k in x:
+            assert torch.allclose(got[k].double(), d * before[r][k] + (1 - d) * x[k], atol=1e-6), (r, k, d)
+
+
+@pytest.mark.parametrize("decay", ["half-life", "half-lives", "power"])
+def test_decay_says_what_the_next_update_folds_with_after_a_step_past_the_calls(decay):
+    """``ema.decay`` after ``update(step=30)`` of a schedule over training time: the next call with no
+    step is refused, so it says the decay of an update at the last update's step (the earliest the
+    next call may take: 1.0, it folds nothing), not one of a step 2 that update cannot have (16384.0
+    for HalfLife(2.0)); with default steps, the next default update's (the closed form)."""
+    from fastema.schedules import HalfLife, PowerFunction
+
+    make = {"half-life": lambda: HalfLife(2.0), "half-lives": lambda: [HalfLife(2.0), HalfLife(5.0)],
+            "power": lambda: PowerFunction(gamma=6.0)}[decay]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = fastema.torch.EMA(model, make())
+    ema.update(step=30)
+    said = ema.decay
+    assert said == ([1.0, 1.0] if decay == "half-lives" else 1.0)
+    with pytest.raises(ValueError, match="before the last update's time"):
+        ema.update()
+    _folds_with(ema, model, said, step=30)
+    plain = fastema.torch.EMA(model, make())
+    for _ in range(2):
+        plain.update()                                 # steps 1 and 2: the next default one is 3
+    said = plain.decay
+    if decay != "power":
+        lives = [2.0, 5.0] if decay == "half-lives" else [2.0]
+        want = [2.0 ** (-1.0 / h) for h in lives]
+        assert said == pytest.approx(want if decay == "half-lives" else want[0], rel=1e-12)
+    else:
+        assert said == pytest.approx((2 / 3) ** 7, rel=1e-12)
+    _folds_with(plain, model, said)
