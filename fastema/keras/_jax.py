@@ -17,12 +17,28 @@ from ..average import Face, FaceNonFinite, ModelSwap
 __all__ = ["metric_values", "sync", "trainable_values"]
 
 
-def trainable_values(model) -> list | None:
-    """The newest trainable weights while ``fit`` holds them outside the Variables, else None."""
+def trainable_values(model, variables: list) -> list | None:
+    """The newest values of ``variables`` while ``fit`` holds them outside the Variables, else None.
+
+    Each is found by identity: fit's state lists the model's trainable (and non-trainable) variables
+    in the model's order of now, which is not the EMA's once layers were frozen or unfrozen since it
+    was made; one no longer trainable is read from the non-trainable state, one in neither from itself."""
     state = getattr(model, "_jax_state", None)
-    if state and not getattr(model, "_jax_state_synced", True) and state.get("trainable_variables"):
-        return list(state["trainable_variables"])
-    return None
+    if not state or getattr(model, "_jax_state_synced", True):
+        return None
+    out: list = [None] * len(variables)
+    missing = list(range(len(variables)))
+    for kind in ("trainable_variables", "non_trainable_variables"):
+        held = state.get(kind)
+        if not missing or not held:
+            continue
+        index = {id(v): i for i, v in enumerate(getattr(model, kind))}
+        for k in [k for k in missing if id(variables[k]) in index]:
+            out[k] = held[index[id(variables[k])]]
+            missing.remove(k)
+    for k in missing:
+        out[k] = variables[k].value
+    return out
 
 
 def metric_values(model, index: list[int]) -> list | None:
@@ -61,7 +77,7 @@ class _JaxModelEMA(Face, FaceNonFinite):
         return self._swap.swapped
 
     def _current(self) -> list:
-        newest = trainable_values(self.model)
+        newest = trainable_values(self.model, self.variables)
         return [v.value for v in self.variables] if newest is None else newest
 
     def update(self) -> None:

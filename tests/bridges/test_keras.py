@@ -532,7 +532,7 @@ class Pin(keras.callbacks.Callback):      # the private Keras state the shim rea
     def on_train_batch_end(self, batch, logs=None):
         m = self.model
         Pin.seen.append(hasattr(m, "_jax_state") and hasattr(m, "_jax_state_synced") and callable(m.jax_state_sync))
-        _jax.trainable_values(m)
+        _jax.trainable_values(m, list(m.trainable_variables))
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 4)).astype("float32")
@@ -1152,12 +1152,73 @@ script("FROZEN_SINCE", FROZEN_SINCE, ("tensorflow",))
 def test_averaged_weights_after_a_layer_was_frozen_are_each_variables_own():
     # averaged_weights() numbered the EMA's averages in its own order (every trainable variable of its
     # first fit) and read them as model.trainable_variables' order: with d1 frozen since, d2's kernel got
-    # d1's kernel's average (and the documented export loop wrote it into d2). (On JAX the second fit
-    # is refused: the EMA reads fit's trainable state, which no longer has d1.)
+    # d1's kernel's average (and the documented export loop wrote it into d2). (JAX: the next test.)
     pytest.importorskip("tensorflow")
     res = run_on("tensorflow", "FROZEN_SINCE")
     assert [n.split("/")[-2] for n in res["names"]] == ["d2", "d2", "d3", "d3"]
     assert res["equal"] == [True] * 4
+
+
+TRAINABLE_CHANGED = r"""
+import json, warnings
+warnings.simplefilter("ignore")
+import keras, numpy as np
+from fastema.keras import WeightEMA
+out = {}
+for mode in ("swap", "freeze"):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    a, b, c = (keras.layers.Dense(4, name=n) for n in "abc")
+    c.trainable = False
+    m = keras.Model(inp, c(b(a(inp))))
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = x[:, ::-1].copy()
+    averaged = list(m.trainable_variables)                     # a's and b's: what the EMA averages
+    seen = [[np.asarray(v.numpy(), np.float64) for v in averaged]]
+
+    class Seen(keras.callbacks.Callback):                     # each step's weights (the state synced first)
+        def on_train_batch_end(self, batch, logs=None):
+            m.jax_state_sync() if keras.backend.backend() == "jax" else None
+            seen.append([np.asarray(v.numpy(), np.float64) for v in averaged])
+
+    cb = WeightEMA(decay=0.5)
+    m.compile(keras.optimizers.SGD(0.1), "mse")
+    m.fit(x, y, batch_size=8, verbose=0, callbacks=[cb, Seen()])
+    a.trainable = False                                        # a no longer trainable; swap: c is instead
+    c.trainable = mode == "swap"
+    m.compile(keras.optimizers.SGD(0.1), "mse")
+    try:
+        m.fit(x, y, batch_size=8, verbose=0, callbacks=[cb, Seen()])
+    except ValueError as e:
+        out[mode] = {"error": str(e)}
+        continue
+    cb.ema.swap()
+    got = [np.asarray(v.numpy()).tolist() for v in averaged]
+    cb.ema.swap()
+    out[mode] = {"seen": [[w.tolist() for w in ws] for ws in seen], "got": got, "updates": cb.ema.updates}
+print(json.dumps(out))
+"""
+
+
+script("TRAINABLE_CHANGED", TRAINABLE_CHANGED, ("tensorflow", "jax"))
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize("mode", ["swap", "freeze"])
+def test_a_layer_frozen_or_unfrozen_between_fits_keeps_each_average_its_own(backend, mode):
+    """On JAX fit's state lists the trainable variables of now: after a's layer was frozen (and c's
+    unfrozen: the same count and shapes) the EMA made over a and b took b's weights as a's average
+    (swap), or refused the fit (freeze). Each average is its own variable's naive EMA, a's with its
+    weights held fixed, on both backends."""
+    pytest.importorskip(backend)
+    res = run_on(backend, "TRAINABLE_CHANGED")[mode]
+    assert "error" not in res, res["error"]
+    seen = [[np.asarray(w) for w in ws] for ws in res["seen"]]
+    assert res["updates"] == len(seen) - 1 == 8
+    want = naive_ema(seen[0], seen[1:], 0.5)
+    for got, ref in zip(res["got"], want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(seen[-1][0], seen[4][0])     # a's kernel stood still in the second fit
 
 
 def test_a_flat_shadow_holds_a_keras_variable_on_the_torch_backend():
