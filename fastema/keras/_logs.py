@@ -18,22 +18,44 @@ from ..track import Tracker
 from ._jax import metric_values
 
 
-def _running_means(model) -> tuple[dict, bool]:
-    """Every metric of ``model`` that is a running mean (Keras ``Mean``-type: total and count), by
-    name; and whether some metric container is not built yet (on the TensorFlow backend Keras
-    builds the compiled metrics at the first training step, so they are not there before)."""
-    found: dict = {}
+def _is_mean(m) -> bool:
+    return hasattr(m, "total") and hasattr(m, "count") and isinstance(m.count, keras.Variable)
+
+
+def _running_means(model) -> tuple[dict, dict, bool]:
+    """The running means of ``model`` (Keras ``Mean``-type metrics: total and count) by the name
+    Keras logs them under (a multi-output model's ``a_mae``, ``b_mae``: the names of
+    ``model.get_metrics_result()``), and by their own name (every one of that name, ``mae`` twice);
+    and whether some metric container is not built yet (on the TensorFlow backend Keras builds
+    the compiled metrics at the first training step, so they are not there before)."""
+    logged: dict = {}
+    own: dict = {}
     unbuilt = False
-    todo = list(model.metrics)
+    todo = [(m, m.name) for m in model.metrics]              # a top-level metric is logged under its name
     while todo:
-        m = todo.pop(0)
+        m, name = todo.pop(0)
         unbuilt = unbuilt or getattr(m, "built", True) is False
-        if hasattr(m, "total") and hasattr(m, "count") and isinstance(m.count, keras.Variable):
-            found.setdefault(m.name, m)
-        inner = getattr(m, "metrics", None)                 # CompileMetrics / CompileLoss containers
-        if isinstance(inner, (list, tuple)):
-            todo.extend(inner)
-    return found, unbuilt
+        if _is_mean(m):
+            own.setdefault(m.name, []).append(m)
+            if name is not None:
+                logged[name] = m                              # a later one wins, as in Keras's logs
+        inner = getattr(m, "metrics", None)                   # CompileMetrics / CompileLoss containers
+        if isinstance(inner, (list, tuple)) and inner:
+            names = _result_names(m, len(inner)) if name is not None else None
+            todo.extend(zip(inner, names or [None] * len(inner)))
+    return logged, own, unbuilt
+
+
+def _result_names(container, n: int) -> list | None:
+    """The names a container metric's ``result()`` dict gives its ``n`` metrics, in its order
+    (Keras's CompileMetrics: ``{output}_{name}``, numbered when repeated), or None."""
+    if getattr(container, "built", True) is False:
+        return None
+    try:
+        result = container.result()
+    except Exception:                                         # not a dict-reporting container
+        return None
+    return list(result) if isinstance(result, dict) and len(result) == n else None
 
 
 class _MeanState:
@@ -45,8 +67,9 @@ class _MeanState:
         if keras.backend.backend() == "jax":
             # JAX keeps the training state outside the Variables between syncs; read it there
             # (a full sync every batch would be slow and is what Keras avoids).
-            paths = [v.path for v in model.metrics_variables]
-            self._jax_index = [paths.index(v.path) for v in self.variables]
+            # by identity: two metrics may share a path (each output's mean_absolute_error)
+            index = {id(v): i for i, v in enumerate(model.metrics_variables)}
+            self._jax_index = [index[id(v)] for v in self.variables]
 
     def read(self) -> np.ndarray:
         values = list(self.variables)
@@ -72,7 +95,9 @@ class MovingAverageLogs(keras.callbacks.Callback):
         sma: window (batches) of the simple moving average, or None.
         raw: also log ``m_raw``.
         metrics: names of metrics the model reports as running means (``"loss"``, and
-            compiled metrics such as ``"mae"`` or ``"accuracy"``).
+            compiled metrics such as ``"mae"`` or ``"accuracy"``), as Keras logs them (a model
+            with several outputs: ``"a_mae"``, ``"b_loss"``; a name that several outputs' metrics
+            share, ``"mae"`` there, is refused, naming those).
 
     The averages run over the reported batches (with ``steps_per_execution=k``, Keras
     reports every k-th batch and ``m_raw`` is the sample-weighted mean of those k), keep
@@ -102,15 +127,24 @@ class MovingAverageLogs(keras.callbacks.Callback):
     def _resolve(self, first_batch: bool) -> None:
         """Find the metrics' running means: when ``fit`` starts, or at the end of the first batch
         when Keras builds its compiled metrics in the first step (the TensorFlow backend)."""
-        means, unbuilt = _running_means(self.model)
-        missing = [m for m in self.metrics if m not in means]
+        logged, own, unbuilt = _running_means(self.model)
+        found: dict = {m: logged[m] for m in self.metrics if m in logged}
+        found.update({m: own[m][0] for m in self.metrics if m not in found and len(own.get(m, ())) == 1})
+        missing = [m for m in self.metrics if m not in found]
         if missing and unbuilt and not first_batch:
             return                                           # Keras builds them in the first step
+        ambiguous = [m for m in missing if len(own.get(m, ())) > 1]
+        if ambiguous:
+            m = ambiguous[0]
+            as_logged = [n for n, v in logged.items() if any(v is w for w in own[m])]
+            raise ValueError(f"MovingAverageLogs: {len(own[m])} metrics of this model are named {m!r} (a model "
+                             f"with several outputs has one per output); Keras logs them as {as_logged}: give "
+                             f"those names in metrics=")
         if missing:
             raise ValueError(f"MovingAverageLogs: the model reports no running-mean metric {missing}; "
-                             f"it has {sorted(means)}. Only metrics Keras averages over the epoch "
+                             f"it has {sorted(logged)}. Only metrics Keras averages over the epoch "
                              f"(loss and mean-type metrics such as mae or accuracy) have a per-batch value.")
-        self._reader = _MeanState(self.model, [means[m] for m in self.metrics])
+        self._reader = _MeanState(self.model, [found[m] for m in self.metrics])
 
     def on_epoch_begin(self, epoch, logs=None):
         self._prev = np.zeros((len(self.metrics), 2))          # Keras resets its metrics at each epoch

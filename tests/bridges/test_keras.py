@@ -113,6 +113,70 @@ def test_unknown_or_non_mean_metric_is_refused_clearly():
         MovingAverageLogs(sma=0)
 
 
+MULTI_OUTPUT = r"""
+import json
+import keras, numpy as np
+from fastema.keras import MovingAverageLogs
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 3)).astype("float32")
+ya, yb = rng.normal(size=(64, 1)).astype("float32"), 10 * rng.normal(size=(64, 1)).astype("float32")
+inp = keras.Input((3,))
+model = keras.Model(inp, {"a": keras.layers.Dense(1, name="a")(inp), "b": keras.layers.Dense(1, name="b")(inp)})
+model.compile(keras.optimizers.SGD(0.0), loss={"a": "mse", "b": "mse"}, metrics={"a": ["mae"], "b": ["mae"]})
+rows = []
+class Rec(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        rows.append({k: float(v) for k, v in logs.items()})
+names = ("loss", "a_mae", "b_mae", "b_loss")
+model.fit(x, {"a": ya, "b": yb}, batch_size=16, epochs=1, shuffle=False, verbose=0,
+          callbacks=[MovingAverageLogs(ema=0.5, sma=None, metrics=names), Rec()])
+pred = model.predict(x, verbose=0)                    # learning rate 0: the weights of every batch
+out = {"rows": rows, "pred": {k: np.asarray(v, np.float64).tolist() for k, v in pred.items()}}
+try:
+    model.fit(x, {"a": ya, "b": yb}, batch_size=16, verbose=0, callbacks=[MovingAverageLogs(metrics=("mae",))])
+except ValueError as e:
+    out["refused"] = str(e)
+print(json.dumps(out))
+"""
+
+
+script("MULTI_OUTPUT", MULTI_OUTPUT, ("tensorflow", "jax"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_a_multi_output_models_metrics_are_taken_by_the_names_keras_logs(backend, capsys):
+    """A model with outputs a and b logs a_mae and b_mae: they were refused (the callback knew the metrics by
+    their own name, mae), and mae was a's alone; on JAX both MAEs were read from a's state (the metric
+    variables were found by path, which the two share). Each *_raw is its batch's own value, in float64;
+    mae is refused, naming a_mae and b_mae."""
+    if backend == "torch":
+        exec(compile(MULTI_OUTPUT, "MULTI_OUTPUT", "exec"), {"__name__": "__main__"})
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    else:
+        pytest.importorskip(backend)
+        res = run_on(backend, "MULTI_OUTPUT")
+    rng = np.random.default_rng(0)
+    rng.normal(size=(64, 3))                                # x: the script's draws, in its order
+    ya, yb = rng.normal(size=(64, 1)), 10 * rng.normal(size=(64, 1))
+    ya, yb = ya.astype(np.float32).astype(np.float64), yb.astype(np.float32).astype(np.float64)
+    pa, pb = np.asarray(res["pred"]["a"]), np.asarray(res["pred"]["b"])
+    want = {"a_mae": [], "b_mae": [], "b_loss": [], "loss": []}
+    for i in range(4):
+        s = slice(16 * i, 16 * i + 16)
+        want["a_mae"].append(np.mean(np.abs(pa[s] - ya[s])))
+        want["b_mae"].append(np.mean(np.abs(pb[s] - yb[s])))
+        want["b_loss"].append(np.mean((pb[s] - yb[s]) ** 2))
+        want["loss"].append(np.mean((pa[s] - ya[s]) ** 2) + want["b_loss"][-1])
+    assert len(res["rows"]) == 4
+    for name, ref in want.items():
+        np.testing.assert_allclose([r[name + "_raw"] for r in res["rows"]], ref, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose([r[name + "_ema"] for r in res["rows"]], pd.Series(ref).ewm(alpha=0.5).mean(),
+                                   rtol=1e-4, err_msg=name)
+    assert re.search(r"2 metrics of this model are named 'mae'.*logs them as \['a_mae', 'b_mae'\]: give those "
+                     r"names in metrics=", res["refused"])
+
+
 def naive_ema(initial, steps, decay):
     ema = [w.copy() for w in initial]               # the EMA starts from the weights when fit starts
     for ws in steps:
