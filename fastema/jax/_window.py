@@ -120,7 +120,10 @@ class WindowTransform:
         ``like``: as for :meth:`fastema.jax.EmaTransform.average`."""
         leaves, treedef = jax.tree_util.tree_flatten(state.rings)
         if like is not None:
-            dtypes = [jnp.dtype(x.dtype) for x in jax.tree_util.tree_leaves(like)]
+            like_leaves, like_def = jax.tree_util.tree_flatten(like)
+            if cast(Any, like_def) != treedef:
+                raise ValueError(f"like= has the structure {like_def}, the state {treedef}")
+            dtypes = [jnp.dtype(x.dtype) for x in like_leaves]
         elif self._dtypes.get(treedef) is not None:
             dtypes = self._dtypes[treedef]
         else:

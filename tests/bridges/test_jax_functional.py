@@ -313,6 +313,24 @@ def test_average_refuses_to_guess_dtypes_where_two_models_of_one_structure_were_
     assert fresh.average(state)["w"].dtype == jnp.float32
 
 
+@pytest.mark.parametrize("make", [lambda: fj.ema(0.9), lambda: fj.window(2)], ids=["ema", "window"])
+def test_average_refuses_a_like_of_another_structure(make):
+    """window().average(like=) took a like= of another structure without a check: another model's
+    two float leaves gave the int leaf's kept value back averaged and cast to float. Refused as ema()
+    refuses it, naming both structures."""
+    avg = make()
+    params = {"a": jnp.array([1.0, 3.0]), "b": jnp.array([4, 6], jnp.int32)}
+    state = avg.update(avg.init(params), {"a": jnp.array([2.0, 5.0]), "b": jnp.array([7, 9], jnp.int32)})
+    for other in ({"x": jnp.ones(2), "y": jnp.ones(2)}, {"a": jnp.ones(2)}):
+        with pytest.raises(ValueError, match=r"like= has the structure PyTreeDef\(.*the state PyTreeDef\(\{'a'"):
+            avg.average(state, like=other)
+    out = avg.average(state, like=params)
+    a = (np.array([1.0, 3.0]) + np.array([2.0, 5.0])) / 2 if isinstance(avg, fj.WindowTransform) else \
+        np.array([1.0, 3.0]) * 0.9 + np.array([2.0, 5.0]) * 0.1
+    np.testing.assert_allclose(np.asarray(out["a"], np.float64), a, rtol=1e-6)
+    assert out["b"].dtype == jnp.int32 and np.asarray(out["b"]).tolist() == [7, 9]
+
+
 def test_shadow_dtype_takes_the_list_of_fastema_jax_EMA_and_refuses_others_by_name():
     """J15: ``shadow_dtype="int8"`` (bool, complex64, float8) averaged garbage (0.3 -> 0.7 gave 0.0),
     and an unknown name failed at init with NumPy's message. fastema.jax.EMA's list, refused at
