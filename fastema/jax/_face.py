@@ -266,7 +266,8 @@ class EMA(Face, FaceMemory, FaceNonFinite):
                 raise ValueError(f"leaf {nm} was {dtype}{list(shape)} when the EMA was made and is now "
                                  f"{x.dtype}{list(x.shape)}; make a new EMA after changing the model. "
                                  f"Nothing was updated.")
-            if x.sharding is not sharding and x.sharding != sharding:
+            if x.sharding is not sharding and x.sharding != sharding and \
+                    not x.sharding.is_equivalent_to(sharding, len(shape)):     # the same devices and layout
                 raise ValueError(f"leaf {nm} was on {sharding} when the EMA was made and is now on "
                                  f"{x.sharding}; make a new EMA after moving the model. Nothing was updated.")
         return leaves

@@ -566,6 +566,15 @@ try:
     near.update(put(host[0]) | {"w": jax.device_put(jnp.asarray(host[0]["w"]), NamedSharding(mesh, P("y", "x")))})
 except ValueError as err:
     out["moved"] = str(err)
+flat = Mesh(np.array(jax.devices()).reshape(4), ("z",))        # another mesh of the same devices
+renamed = Mesh(mesh.devices, ("p", "q"))
+same = {"w": NamedSharding(renamed, P("p", "q")), "b": NamedSharding(renamed, P("q")),
+        "r": NamedSharding(flat, P())}                         # each equivalent to the leaf's own sharding
+out["equivalent"] = all(same[k].is_equivalent_to(NamedSharding(mesh, specs[k]), host[0][k].ndim) and
+                        same[k] != NamedSharding(mesh, specs[k]) for k in specs)
+near.update({k: jax.device_put(jnp.asarray(v), same[k]) for k, v in host[0].items()})
+near_one.update({k: jnp.asarray(v) for k, v in host[0].items()})
+out["equal_after"] = all(np.array_equal(np.asarray(near.shadow()[k]), np.asarray(near_one.shadow()[k])) for k in specs)
 print(json.dumps(out))
 """
 
@@ -581,6 +590,25 @@ def test_an_array_sharded_over_devices_is_averaged_shard_by_shard():
     assert res["shardings_0"] and res["shardings_1"] and res["equal"]
     assert res["close_0"] < 0.05 and res["close_1"] < 0.05
     assert "was on" in res["moved"] and "Nothing was updated" in res["moved"]
+    assert res["equivalent"] and res["equal_after"]          # an equivalent sharding object is taken
+
+
+def test_an_equivalent_sharding_object_is_taken():
+    """A jitted step whose out_shardings is a NamedSharding over a one-device mesh returns the leaf on the
+    same device, in the same layout, as an object that is not equal to its SingleDeviceSharding: it was
+    refused as moved. Taken (is_equivalent_to), and averaged as the naive float64 EMA."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    params = {"w": jnp.asarray([1.0, -2.0, 4.0], jnp.float32)}
+    ema = EMA(params, 0.5)
+    step = jax.jit(lambda p: {"w": p["w"] * 3 + 1}, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    new = step(params)
+    assert new["w"].sharding != params["w"].sharding
+    ema.update(new)
+    want = 0.5 * np.asarray(params["w"], np.float64) + 0.5 * np.asarray(new["w"], np.float64)
+    np.testing.assert_allclose(np.asarray(ema.shadow()["w"], np.float64), want, rtol=1e-7)
+    assert ema.shadow()["w"].sharding == params["w"].sharding
 
 
 def test_a_resume_gives_back_the_leaves_that_are_not_averaged():
