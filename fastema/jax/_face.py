@@ -242,6 +242,10 @@ class EMA(Face, FaceMemory, FaceNonFinite):
         elif step is not None and (jnp.dtype(step.dtype).kind not in "iu" or step.shape != ()):
             raise ValueError(f"step must be an integer scalar, got a traced {jnp.dtype(step.dtype).name}"
                              f"{list(step.shape)}; pass the training step as a jnp.int32 scalar")
+        # what the eager update would refuse in the callback, refused now (JAX shows a callback's error as
+        # its own INTERNAL one)
+        for nm, x, (shape, dtype, _) in zip(self.names, self._leaves(params), self._specs):
+            self._refuse_other(nm, x if isinstance(x, jax.Array) else jnp.asarray(x), shape, dtype)
         wide = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32  # type: ignore[attr-defined]
         # "no step" is a flag of its own: a traced step's value, negative too, is eager's to check
         io_callback(self._from_callback, None, params, jnp.asarray(0 if step is None else step, wide),
@@ -250,7 +254,8 @@ class EMA(Face, FaceMemory, FaceNonFinite):
     def _from_callback(self, params, step, given) -> None:
         self.update(params, int(step) if bool(given) else None)
 
-    def _match(self, params) -> list:
+    def _leaves(self, params) -> list:
+        """The leaves of ``params``; ValueError if its structure is not the EMA's."""
         leaves, treedef = jax.tree_util.tree_flatten(params)
         if treedef != self._treedef:
             names = _flatten(params)[0]
@@ -259,13 +264,21 @@ class EMA(Face, FaceMemory, FaceNonFinite):
             raise ValueError(f"params does not have the structure the EMA was made for (missing {missing}, "
                              f"unexpected {extra}; expected {self._treedef}); make a new EMA for a new model. "
                              f"Nothing was updated.")
+        return leaves
+
+    @staticmethod
+    def _refuse_other(nm: str, x, shape, dtype) -> None:
+        if x.shape != shape or x.dtype != dtype:
+            raise ValueError(f"leaf {nm} was {dtype}{list(shape)} when the EMA was made and is now "
+                             f"{x.dtype}{list(x.shape)}; make a new EMA after changing the model. "
+                             f"Nothing was updated.")
+
+    def _match(self, params) -> list:
+        leaves = self._leaves(params)
         for k, (nm, x, (shape, dtype, sharding)) in enumerate(zip(self.names, leaves, self._specs)):
             if type(x) is not self._array_type:
                 x = leaves[k] = self._check_leaf(nm, x)
-            if x.shape != shape or x.dtype != dtype:
-                raise ValueError(f"leaf {nm} was {dtype}{list(shape)} when the EMA was made and is now "
-                                 f"{x.dtype}{list(x.shape)}; make a new EMA after changing the model. "
-                                 f"Nothing was updated.")
+            self._refuse_other(nm, x, shape, dtype)
             if x.sharding is not sharding and x.sharding != sharding and \
                     not x.sharding.is_equivalent_to(sharding, len(shape)):     # the same devices and layout
                 raise ValueError(f"leaf {nm} was on {sharding} when the EMA was made and is now on "

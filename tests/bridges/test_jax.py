@@ -416,6 +416,27 @@ def test_a_step_eager_refuses_is_refused_inside_jax_jit_too():
     assert ema.updates == 2
 
 
+def test_a_leaf_eager_refuses_is_refused_when_traced_inside_jax_jit():
+    """Inside jax.jit a leaf of another shape or dtype, or another structure, was refused only in the
+    callback, which JAX shows as its own 'INTERNAL: CpuCallback error'. Refused when traced, with eager's
+    message; nothing is counted, and the right leaves are then averaged as the naive float64 EMA."""
+    ema = EMA({"w": jnp.zeros(3), "n": jnp.zeros((), jnp.int32)}, 0.9)
+    bad = [({"w": jnp.zeros(4), "n": jnp.int32(0)}, r"leaf \['w'\] was float32\[3\] .* now float32\[4\]"),
+           ({"w": jnp.zeros(3, jnp.bfloat16), "n": jnp.int32(0)}, r"leaf \['w'\] was float32\[3\] .* bfloat16\[3\]"),
+           ({"w": jnp.zeros(3), "n": jnp.float32(0)}, r"leaf \['n'\] was int32\[\] .* now float32\[\]"),
+           ({"w": jnp.zeros(3)}, r"structure the EMA was made for \(missing \[\"\['n'\]\"\]")]
+    for params, match in bad:
+        with pytest.raises(ValueError, match=match + ".*Nothing was updated"):
+            jax.jit(lambda p: ema.update(p))(params)
+            jax.effects_barrier()
+    assert ema.updates == 0
+    w = jnp.asarray([1.0, -2.0, 0.5])
+    jax.jit(lambda p: ema.update(p))({"w": w, "n": jnp.int32(1)})
+    jax.effects_barrier()
+    np.testing.assert_allclose(np.asarray(ema.shadow()["w"], np.float64), 0.1 * np.asarray(w, np.float64), rtol=1e-6)
+    assert ema.updates == 1
+
+
 def test_donating_jit_loop_keeps_the_integer_leaves():
     """jax.jit(step, donate_argnums=0) deletes the arrays of the step's input: shadow() used to return the
     deleted integer leaves the last update kept by reference ("Array has been deleted")."""
