@@ -3,7 +3,7 @@
 ``Smoother(span=20, window=50).update(loss)`` keeps an EMA and a windowed SMA of every
 element of ``loss``. The state lives where the first values live (NumPy, torch CPU or
 CUDA); updates are one kernel launch and never read a value back to the host; reading
-returns arrays/tensors of the values' shape (a Python number's: one stream, shape ``(1,)``).
+returns arrays/tensors of the values' shape (a Python or NumPy number's: one stream, shape ``(1,)``).
 """
 from __future__ import annotations
 

@@ -113,7 +113,10 @@ class Tracker:
                                  f"got shape {tuple(vec.shape)}")
             return vector
         if len(values) != len(self.names):
-            raise ValueError(f"expected {len(self.names)} values ({list(self.names)}), got {len(values)}")
+            whole = f" ({type(vec).__module__}.{type(vec).__qualname__} of shape {tuple(np.shape(vec))}): the " \
+                    f"vector of them all must be a NumPy array or a torch tensor (np.asarray(values), a host " \
+                    f"copy), or give one value per metric" if np.ndim(vec) == 1 else ""
+            raise ValueError(f"expected {len(self.names)} values ({list(self.names)}), got {len(values)}{whole}")
         on_device = [_backends.keeps_on_device(v) for v in values]
         if all(on_device):                         # torch tensors: stacked on their device
             return _backends.stack(values, self.names)

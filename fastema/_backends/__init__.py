@@ -76,6 +76,7 @@ from .views import (  # noqa: F401  (views and copies for the kernels)
     concat,
     control_view,
     copy_from_host,
+    foreign,
     keeps_on_device,
     kernel_view,
     location,

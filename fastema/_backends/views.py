@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cai
+from . import cai, dlpack
 from ._base import Unsupported
 from .dispatch import NUMPY, backend_of
 
@@ -24,7 +24,7 @@ def control_view(x, what: str, dtype, size: int, device: str, writable: bool):
         dev, dt, n = backend.control(x, what, writable)
     except Unsupported:
         raise TypeError(f"{what} must be a NumPy array or a tensor of {dtype} on {device}, "
-                        f"got {type(x).__name__}") from None
+                        f"got {foreign(x, what, writable)}") from None
     if dt != dtype or n != size:
         raise ValueError(f"{what} must hold {size} element(s) of {dtype}, got {n} of {dt}")
     if dev != device:
@@ -62,10 +62,22 @@ def strided(v, shape, order):
     return backend_of(v).strided(v, shape, order)
 
 
+def foreign(x, what: str, writable: bool = False) -> str:
+    """``x``'s type, named with its module, and for an array of a framework read only through DLPack
+    (JAX, TensorFlow, Keras), which fastema does not take here, what to pass instead."""
+    name = f"{type(x).__module__}.{type(x).__qualname__}"
+    framework = {"jax": "JAX", "tensorflow": "TensorFlow", "keras": "Keras"}.get(dlpack.framework_of(x) or "")
+    if framework is None:
+        return name
+    if writable:
+        return f"a {framework} array ({name}), which is not written in place here: pass a NumPy array"
+    return f"a {framework} array ({name}), which is not read here: pass np.asarray({what}), a host copy"
+
+
 def metric_values(x, what: str):
     """``(kind, flat kernel view of the bits, (framework, device), shape)`` of metric values:
-    a Python number, a NumPy array or a torch tensor (float64 allowed)."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
+    a Python or NumPy number (float64), a NumPy array or a torch tensor (float64 allowed)."""
+    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)):
         x = np.asarray([x], np.float64)
     backend = backend_of(x)
     try:
@@ -73,8 +85,8 @@ def metric_values(x, what: str):
             raise Unsupported
         return backend.metric(x, what)
     except Unsupported:
-        raise TypeError(f"{what} must be a Python float, a NumPy array or a torch tensor, "
-                        f"got {type(x).__name__}") from None
+        raise TypeError(f"{what} must be a Python or NumPy number, a NumPy array or a torch tensor, "
+                        f"got {foreign(x, what)}") from None
 
 
 def metric_vector(x):

@@ -83,3 +83,18 @@ def test_ema_update_multi_of_no_rows_names_what_it_needs(kwargs):
     shadow, src = np.zeros((0, 5), np.float32), np.zeros(5, np.float32)
     with pytest.raises(ValueError, match=r"ema_update_multi_ needs 1 to 8 averages .* got none"):
         fastema.ema_update_multi_(shadow, src, **kwargs)
+
+
+def test_a_jax_weight_or_flag_is_refused_saying_what_to_pass_and_writes_nothing():
+    """weight= a float32 JAX array on the CPU was refused with "weight must be a NumPy array or a tensor of
+    float32 on cpu, got ArrayImpl", which it was: the message names the JAX array and what to pass."""
+    jnp = pytest.importorskip("jax.numpy")
+    shadow, source = np.zeros(4, np.float32), np.ones(4, np.float32)
+    with pytest.raises(TypeError, match=r"weight must be .*got a JAX array \(.*ArrayImpl\), which is not read here: "
+                                        r"pass np\.asarray\(weight\), a host copy"):
+        fastema.ema_update_(shadow, source, weight=jnp.asarray([0.25], jnp.float32))
+    with pytest.raises(TypeError, match=r"flag must be .*got a JAX array .*not written in place here: pass a NumPy"):
+        fastema.flag_nonfinite_(jnp.zeros(1, jnp.int32), source)
+    assert (shadow == 0).all()
+    fastema.ema_update_(shadow, source, weight=np.asarray(jnp.asarray([0.25], jnp.float32)))
+    np.testing.assert_array_equal(shadow, np.float32(0.25))

@@ -111,6 +111,25 @@ def test_value_dtypes(dtype):
     assert s.ema.item() == pytest.approx((0.5 * 1 + 3) / 1.5)
 
 
+def test_numpy_number_values_are_taken_as_python_numbers_are():
+    """Smoother.update(np.float32(1.0)) was refused ("values must be a Python float, a NumPy array or a
+    torch tensor, got float32") where np.float64 (a float) and 0-d NumPy arrays were taken: a NumPy
+    number is a number, averaged as a Python one (a stream of one), against the float64 recursion."""
+    values = [np.float32(1.5), np.int64(3), np.float16(-2.0), 4.25]
+    s = Smoother(decay=0.5, window=2)
+    for v in values:
+        s.update(v)
+    num = den = 0.0
+    for v in values:
+        num, den = 0.5 * num + float(v), 0.5 * den + 1.0
+    assert s.ema.shape == (1,) and float(s.ema[0]) == pytest.approx(num / den, rel=1e-15)
+    assert float(s.sma[0]) == pytest.approx((-2.0 + 4.25) / 2, rel=1e-15)
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(TypeError, match=r"got a JAX array \(.*ArrayImpl\).*pass np\.asarray\(values\), a host copy"):
+        s.update(jnp.ones(1))
+    assert s.count == 4
+
+
 def test_compensated_window_after_a_spike():
     # One early spike among small values: a plain float32 running sum keeps a large error
     # (REFERENCE: 72%); the compensated float64 sum must match the exact window mean.

@@ -112,6 +112,19 @@ def test_tracker_bad_inputs():
         Tracker(["a"], ema="high")
 
 
+def test_a_vector_of_a_framework_the_tracker_does_not_read_is_refused_saying_what_to_pass():
+    """Tracker.update(jnp.array([loss, acc])) said only "expected 2 values, got 1", as if a value were
+    missing: it names the array and what the vector of all the metrics may be, and changes nothing."""
+    jnp = pytest.importorskip("jax.numpy")
+    t = Tracker(["loss", "acc"], ema=0.5, sma=None)
+    with pytest.raises(ValueError, match=r"expected 2 values .*got 1 \(jaxlib\..*ArrayImpl of shape \(2,\)\): the "
+                                         r"vector of them all must be a NumPy array or a torch tensor \(np\.asarray"):
+        t.update(jnp.array([1.0, 0.5]))
+    assert t.count == 0
+    t.update(np.asarray(jnp.array([1.0, 0.5])))
+    assert t.read() == {"loss_ema": 1.0, "acc_ema": 0.5}
+
+
 def test_nonfinite_losses_are_skipped():
     t = Tracker(["loss"], ema=0.5, sma=3)
     for v in (1.0, float("nan"), 3.0, float("inf")):
