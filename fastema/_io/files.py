@@ -55,6 +55,22 @@ def atomic_write(path: str, write: Callable) -> None:
         raise
 
 
+def writable(option: str, path: str, example: str = "out.png") -> None:
+    """ValueError naming ``option`` (a command line's, or a method's: ``save()``) for an output file
+    that cannot be written (a directory, a name ending in a separator, a missing or read-only folder):
+    checked before the work, not after it. ``example``: the file name the message suggests in a
+    directory given instead of a file (an image by default; e.g. ``"ema.safetensors"`` for weights)."""
+    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise ValueError(f"{option} {path!r} is a directory: give a file name in it, e.g. "
+                         f"{os.path.join(path, example)!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path!r}: its folder {parent!r} does not exist; create it first "
+                         f"(mkdir -p {parent}) or write somewhere else")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path!r}: its folder {parent!r} is not writable; write somewhere else")
+
+
 def save_figure(fig, path: str, **savefig) -> None:
     """A matplotlib figure written to ``path`` as :func:`atomic_write` writes (in the format its
     extension names, PNG without one): a failed write leaves the previous image as it was."""

@@ -222,12 +222,14 @@ class SafetensorsWriter:
     """One safetensors file, written in order: the header from every tensor's ``(name, dtype,
     shape, nbytes)`` first, then each tensor's bytes through :meth:`write` (pieces in C order);
     :meth:`close` checks every byte arrived and syncs the file. ``crc``: keep a CRC-32 per tensor
-    (for ``verify``)."""
+    (for ``verify``). ``label``: what a failed write names (the output it is published as; default
+    ``path``), with the free space."""
 
-    def __init__(self, path: str, tensors: list, metadata: dict, crc: bool = False):
+    def __init__(self, path: str, tensors: list, metadata: dict, crc: bool = False, label: str | None = None):
         head = frame(header_of([(name, TO_CODE[dtype], shape, nbytes) for name, dtype, shape, nbytes in tensors],
                                metadata or None))
         self.path, self.size = path, len(head) + sum(nbytes for _, _, _, nbytes in tensors)
+        self.label = path if label is None else label
         self._left = [(name, nbytes) for name, _, _, nbytes in tensors][::-1]
         self._name, self._due = None, 0
         self.crcs: dict | None = {} if crc else None
@@ -256,15 +258,32 @@ class SafetensorsWriter:
 
     def _put(self, data) -> None:
         view, done = memoryview(data), 0
-        while done < len(view):
-            done += self._f.write(view[done:])
+        try:
+            while done < len(view):
+                done += self._f.write(view[done:])
+        except OSError as err:
+            raise self._failed(err) from None
 
     def close(self) -> None:
         left = self._due + sum(n for _, n in self._left)
         if left:
             raise RuntimeError(f"{self.path}: {left} bytes of {self._name!r} and later tensors were not written")
-        os.fsync(self._f.fileno())
+        from .files import system
+
+        try:
+            system().sync_file(self._f.fileno(), self.path)      # where a full disk may report a lost write
+        except OSError as err:
+            raise self._failed(err) from None
         self._f.close()
+
+    def _failed(self, err: OSError) -> OSError:
+        from .files import system
+
+        try:
+            free = f" ({system().free_bytes(os.path.dirname(os.path.abspath(self.path)))} bytes free on its disk)"
+        except OSError:
+            free = ""
+        return OSError(err.errno, f"could not write {self.label!r}{free}: {err.strerror or err}")
 
     def abandon(self) -> None:
         with contextlib.suppress(OSError):

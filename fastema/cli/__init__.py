@@ -17,6 +17,8 @@ import math
 import os
 from typing import Callable
 
+from .._io.files import writable
+
 __all__ = ["COMMANDS", "Parser", "number", "integer", "parse", "image_path", "writable"]
 
 # name -> one line for `python -m fastema --help` (the module is fastema.cli.<name>)
@@ -91,17 +93,3 @@ def image_path(option: str, path: str) -> str:
     return path
 
 
-def writable(option: str, path: str, example: str = "out.png") -> None:
-    """ValueError naming ``option`` for an output file that cannot be written (a directory, a
-    missing or read-only folder): checked before the work, not after it. ``example``: the file
-    name the message suggests in a directory given instead of a file (an image by default; e.g.
-    ``"ema.safetensors"`` for weights)."""
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is a directory: give a file name in it, e.g. "
-                         f"{os.path.join(path, example)!r}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{option} {path!r}: its folder {parent!r} does not exist; create it first "
-                         f"(mkdir -p {parent}) or write somewhere else")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path!r}: its folder {parent!r} is not writable; write somewhere else")

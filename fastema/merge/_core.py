@@ -203,7 +203,8 @@ def _write(target: Output, files, extra, sources, plan: Plan, weights, report: M
         for file, names in files:
             names = names if names is not None else [it.name for it in plan.items if it.action != "object"]
             tensors = [(n, items[n].out_dtype, items[n].shape, items[n].nbytes) for n in names]
-            writer = SafetensorsWriter(target.path(file), tensors, meta, crc=options.verify)
+            label = os.path.join(target.given, file) if target.as_folder else target.given
+            writer = SafetensorsWriter(target.path(file), tensors, meta, crc=options.verify, label=label)
             try:
                 engine.write_items([items[n] for n in names], writer.write, bar, sample)
                 writer.close()

@@ -150,6 +150,26 @@ def test_ctrl_c_or_a_failed_write_midway_leaves_nothing(tmp_path, fault):
     assert fingerprint(paths) == before
 
 
+def test_a_write_that_fails_names_the_output_and_the_free_space_and_keeps_the_old_one(tmp_path, capsys):
+    # "error: [Errno 28] No space left on device": no path, no free space (the output's temporary file failed)
+    paths, _ = checkpoints(tmp_path / "in", "safetensors")
+
+    class Full(files.FileSystem):
+        def sync_file(self, fd, path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    for out in (tmp_path / "out.safetensors", tmp_path / "folder"):
+        merge_checkpoints(paths, out)
+        before = fingerprint([out])
+        with files.using(Full()):
+            rc = cli.main([str(out), *map(str, paths), "--overwrite", "--weights", "0.2,0.3,0.5"])
+        err = capsys.readouterr().err.strip()
+        shown = repr(str(out / "model.safetensors") if out.name == "folder" else str(out))
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert f"could not write {shown} (" in err and "bytes free on its disk): No space left on device" in err
+        assert fingerprint([out]) == before and leftovers(tmp_path) == []
+
+
 def test_a_killed_merge_leaves_a_temporary_folder_the_next_one_removes(tmp_path):
     paths, _ = checkpoints(tmp_path / "in", "safetensors")
     stale = tmp_path / f".out.safetensors.fastema-merge-999999999@{os.uname().nodename}.tmp"

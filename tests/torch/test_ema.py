@@ -703,6 +703,22 @@ def test_save_gets_the_umask_mode(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o644
 
 
+def test_save_to_a_folder_or_a_missing_one_is_refused_before_anything_is_read(tmp_path):
+    # a bare IsADirectoryError / NotADirectoryError naming the temporary file, after the whole file was
+    # written; "X.SAFETENSORS" was written in torch's format
+    ema = EMA(nn.Linear(4, 4), 0.5)
+    for target, says in ((tmp_path, "is a directory: give a file name in it"),
+                         (f"{tmp_path / 'x.safetensors'}/", "is a directory: give a file name in it"),
+                         (tmp_path / "missing" / "x.pt", "does not exist; create it first")):
+        with pytest.raises(ValueError, match=rf"^save\(\) .*{says}"):
+            ema.save(target)
+    assert sorted(os.listdir(tmp_path)) == []
+    ema.save(tmp_path / "X.SAFETENSORS")
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(tmp_path / "X.SAFETENSORS"))) == ["bias", "weight"]
+
+
 def test_save_over_a_file_keeps_its_mode_as_torch_save_does(tmp_path):
     # the replacement got 0666 less the umask: a private 0600 checkpoint became readable by everyone
     ema = EMA(nn.Linear(4, 4), 0.5)

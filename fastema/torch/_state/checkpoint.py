@@ -25,6 +25,7 @@ from ..._checkpoint_format import check_header, load_refused, refuse_load
 from ..._checks import load_dtype_problem
 from ..._interrupts import ctrl_c_held
 from ..._io.files import atomic_write as _atomic_write
+from ..._io.files import writable
 from ..._io.safetensors import stream_safetensors, stream_torch_save
 from ..._nonfinite import held, load_advice
 from .._sharding import params as _sharded
@@ -394,9 +395,15 @@ class TorchCheckpoint:
         checked: list = []                 # the path, checked (inside the ranks' agreement when sharded)
         tensors: dict = {}
 
+        def check(writes: bool = True) -> None:
+            target = os.fspath(path)
+            if writes:                     # before anything is read or gathered (the writer's disk)
+                writable("save()", target, "ema.safetensors")
+            checked.append(target)
+
         def write() -> None:
             target: str = checked[0]
-            if target.endswith(".safetensors"):
+            if target.lower().endswith(".safetensors"):
                 _atomic_write(target, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
             else:                          # torch.save's format, one host copy at a time
                 _atomic_write(target, lambda f: stream_torch_save(f, tensors))
@@ -408,10 +415,9 @@ class TorchCheckpoint:
                 if first:
                     tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
 
-            self.whole_read(Read("save()", row=row), take, lambda: checked.append(os.fspath(path)),
-                            write if first else None)
+            self.whole_read(Read("save()", row=row), take, functools.partial(check, first), write if first else None)
             return
-        checked.append(os.fspath(path))    # every check first; values read as the file is written
+        check()                            # every check first; values read as the file is written
         self.swap.refuse("save()")
         tensors.update({name: (t.detach() if value is None else value(), t.dtype)
                         for name, t, _, value in self.entries(row)})
