@@ -26,18 +26,15 @@ def trainable_values(model, variables: list) -> list | None:
     state = getattr(model, "_jax_state", None)
     if not state or getattr(model, "_jax_state_synced", True):
         return None
-    out: list = [None] * len(variables)
-    missing = list(range(len(variables)))
-    for kind in ("trainable_variables", "non_trainable_variables"):
+    where: dict = {}                    # id(variable) -> (fit's list holding it, its position there)
+    for kind in ("non_trainable_variables", "trainable_variables"):      # (trainable last: it wins)
         held = state.get(kind)
-        if not missing or not held:
-            continue
-        index = {id(v): i for i, v in enumerate(getattr(model, kind))}
-        for k in [k for k in missing if id(variables[k]) in index]:
-            out[k] = held[index[id(variables[k])]]
-            missing.remove(k)
-    for k in missing:
-        out[k] = variables[k].value
+        if held:
+            where.update({id(v): (held, i) for i, v in enumerate(getattr(model, kind))})
+    out = []
+    for v in variables:
+        found = where.get(id(v))
+        out.append(v.value if found is None else found[0][found[1]])
     return out
 
 

@@ -53,7 +53,7 @@ def _result_names(container, n: int) -> list | None:
         return None
     try:
         result = container.result()
-    except Exception:                                         # not a dict-reporting container
+    except (NotImplementedError, TypeError, ValueError):      # another container (a user's): no names
         return None
     return list(result) if isinstance(result, dict) and len(result) == n else None
 
