@@ -14,28 +14,28 @@ from __future__ import annotations
 
 from ..average import Face, FaceNonFinite, ModelSwap
 
-__all__ = ["metric_values", "sync", "trainable_values"]
+__all__ = ["metric_values", "positions", "sync", "trainable_values"]
 
 
-def trainable_values(model, variables: list) -> list | None:
-    """The newest values of ``variables`` while ``fit`` holds them outside the Variables, else None.
+def positions(model, variables: list) -> list:
+    """Where fit's state holds each of ``variables`` (``(kind, position)``; None: in neither list, read
+    from the variable itself), found by identity: fit's state lists the model's trainable (and
+    non-trainable) variables in the model's order when fit starts, which is not the EMA's once layers
+    were frozen or unfrozen since it was made (a frozen one: in the non-trainable state). Fixed for a
+    fit (Keras's own sync relies on that): the caller finds them once per fit."""
+    where: dict = {}
+    for kind in ("non_trainable_variables", "trainable_variables"):      # (trainable last: it wins)
+        where.update({id(v): (kind, i) for i, v in enumerate(getattr(model, kind))})
+    return [where.get(id(v)) for v in variables]
 
-    Each is found by identity: fit's state lists the model's trainable (and non-trainable) variables
-    in the model's order of now, which is not the EMA's once layers were frozen or unfrozen since it
-    was made; one no longer trainable is read from the non-trainable state, one in neither from itself."""
+
+def trainable_values(model, variables: list, at: list) -> list | None:
+    """The newest values of ``variables`` while ``fit`` holds them outside the Variables, else None
+    (``at``: their :func:`positions`)."""
     state = getattr(model, "_jax_state", None)
     if not state or getattr(model, "_jax_state_synced", True):
         return None
-    where: dict = {}                    # id(variable) -> (fit's list holding it, its position there)
-    for kind in ("non_trainable_variables", "trainable_variables"):      # (trainable last: it wins)
-        held = state.get(kind)
-        if held:
-            where.update({id(v): (held, i) for i, v in enumerate(getattr(model, kind))})
-    out = []
-    for v in variables:
-        found = where.get(id(v))
-        out.append(v.value if found is None else found[0][found[1]])
-    return out
+    return [v.value if p is None else state[p[0]][p[1]] for v, p in zip(variables, at)]
 
 
 def metric_values(model, index: list[int]) -> list | None:
@@ -67,14 +67,21 @@ class _JaxModelEMA(Face, FaceNonFinite):
         self.inner = EMA([v.value for v in self.variables], decay, **kwargs)
         self._core = self.inner._core
         self._raw = None
+        self._at: list | None = None           # the variables' places in fit's state (positions)
         self._swap = ModelSwap(self._exchange, "the average is swapped into the model; swap() back first")
 
     @property
     def swapped(self) -> bool:
         return self._swap.swapped
 
+    def new_fit(self) -> None:
+        """A fit starts: the variables' places in its state are found again at its first read."""
+        self._at = None
+
     def _current(self) -> list:
-        newest = trainable_values(self.model, self.variables)
+        if self._at is None and getattr(self.model, "_jax_state", None):
+            self._at = positions(self.model, self.variables)
+        newest = None if self._at is None else trainable_values(self.model, self.variables, self._at)
         return [v.value for v in self.variables] if newest is None else newest
 
     def update(self) -> None:

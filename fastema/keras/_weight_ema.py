@@ -177,6 +177,8 @@ class WeightEMA(keras.callbacks.Callback):
                           "started; the raw weights are back in the model and training goes on from them",
                           RuntimeWarning, stacklevel=2)
         _saved_averages(self.model, create=True).join(self)
+        if hasattr(self.ema, "new_fit"):     # JAX: its variables' places in this fit's state
+            self.ema.new_fit()
         self._fitting = True
         _guard_evaluate(self)
 

@@ -596,7 +596,8 @@ class Pin(keras.callbacks.Callback):      # the private Keras state the shim rea
     def on_train_batch_end(self, batch, logs=None):
         m = self.model
         Pin.seen.append(hasattr(m, "_jax_state") and hasattr(m, "_jax_state_synced") and callable(m.jax_state_sync))
-        _jax.trainable_values(m, list(m.trainable_variables))
+        vs = list(m.trainable_variables)
+        _jax.trainable_values(m, vs, _jax.positions(m, vs))
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 4)).astype("float32")
