@@ -167,6 +167,12 @@ class Plan:
         """True for schedules over training time (see the module docstring)."""
         return isinstance(self.schedules[0], TIMED_SCHEDULES + MERGE_SCHEDULES)
 
+    @property
+    def reads_steps(self) -> bool:
+        """Whether the decays depend on the steps given to ``update(step=)`` (not where every
+        schedule is a constant: ranks passing other steps then fold the same decays)."""
+        return not all(type(s) is Constant for s in self.schedules)
+
     def time_of(self, step: int | None) -> float:
         """The training time of the next call: ``step`` if given, else the calls so far + 1."""
         return float(self.calls + 1 if step is None else step)

@@ -18,22 +18,23 @@ def _steps(rank, world, root):
     from fastema.torch import EMA
 
     out = {}
-    for case in ("same", "different"):
+    for case in ("same", "constant", "different"):
         m = faults.model()
-        ema, ref = EMA(m, HalfLife(2.0), shard_replicas=True), EMA(m, HalfLife(2.0))
+        decay = 0.9 if case == "constant" else HalfLife(2.0)     # a constant decay reads no step
+        ema, ref = EMA(m, decay, shard_replicas=True), EMA(m, decay)
         for s in range(1, 4):
             with torch.no_grad():
                 for p in m.parameters():
                     p.add_(0.5 * s)
-            step = 10 * s if case == "same" or rank == 0 else s
+            step = 10 * s if case == "same" or rank == 0 else s      # "constant": per-rank steps too
             with Counted() as c:
                 ema.update(step=step)
             assert not c.calls, c.calls                 # a step stays free of collectives
             ref.update(step=step)
         raw = faults.raw(m)
-        if case == "same":
-            out["same"] = (faults.same(ema.full_state_dict(), ref.full_state_dict()),
-                           faults.same(dict(ema.iter_weights()), ref.full_state_dict()))
+        if case in ("same", "constant"):          # one average on every rank: read (the review: refused)
+            out[case] = (faults.same(ema.full_state_dict(), ref.full_state_dict()),
+                         faults.same(dict(ema.iter_weights()), ref.full_state_dict()))
             continue
 
         def in_block():
@@ -53,7 +54,7 @@ def test_ranks_that_passed_different_update_steps_are_refused_at_every_read(tmp_
     ranks = run_ranks(_steps, tmp_path, 2, str(tmp_path), timeout=200, pg_timeout=_COLLECTIVE_S)
     for r in (0, 1):
         c = ranks[r]["cases"]
-        assert c.pop("same") == (True, True), r
+        assert c.pop("same") == (True, True) and c.pop("constant") == (True, True), r
         assert len(c) == 6, (r, c)
         for name, (kind, msg, s, intact) in c.items():
             assert kind == "Disagreement" and "not of one state" in msg, (r, name, kind, msg)

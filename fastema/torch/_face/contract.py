@@ -243,7 +243,7 @@ def model_parts(side: TorchModel, shadow: AveragingShadow | WindowingShadow,
     def counters() -> int:
         """A digest of the host plan's counters (ranks that passed other ``update(step=)`` differ
         there): host numbers, read at reads only, after ``calls()``; a window's: 0 (its calls say it)."""
-        return 0 if engine is None else plan_digest(engine.plan.state())
+        return 0 if engine is None else plan_digest(engine.plan.state(), times=engine.plan.reads_steps)
     agreement = Agreement(side, kind, calls, counters)
     nonfinite = NonFinite(side, agreement)                  # inf or NaN: named, refused, repaired
     swap = ShadowSwap(side, agreement, core.check_row, nonfinite)

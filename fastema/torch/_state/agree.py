@@ -308,11 +308,12 @@ def agreed(groups: list, read: Read, mine: Stamp, seq: Sequence,
     agree(groups, read, mine, seq, differs=differs)
 
 
-def plan_digest(state: dict) -> int:
+def plan_digest(state: dict, times: bool = True) -> int:
     """A digest of a plan's counters (``Plan.state()``, a checkpoint's): its calls, updates, first
-    and last update's time, schedules, a post-hoc run's snapshots and pushes. Host numbers only."""
-    return zlib.crc32(repr([state.get(k) for k in ("calls", "updates", "schedules", "snapshots", "pushes",
-                                                   "first_time", "last_time")]).encode())
+    and last update's time (``times``: where its decays read them), schedules, a post-hoc run's
+    snapshots and pushes. Host numbers only."""
+    keys = ("calls", "updates", "schedules", "snapshots", "pushes") + (("first_time", "last_time") if times else ())
+    return zlib.crc32(repr([state.get(k) for k in keys]).encode())
 
 
 def load_stamp(state) -> Stamp:
