@@ -15,8 +15,9 @@ import os
 import sys
 import tempfile
 
+from .._io.dcp import load_dcp_metadata
 from .._io.files import atomic_write
-from ..posthoc import MAX_ERROR, plot_profiles, pyplot, read_snapshots, run_owns, synthesize
+from ..posthoc import MAX_ERROR, kept_key, plot_profiles, pyplot, read_snapshots, run_owns, synthesize
 from ..schedules import SIGMA_REL_MAX, gamma_to_sigma_rel
 from . import Parser, image_path, number, parse, writable
 
@@ -140,14 +141,21 @@ def _probe(option: str, path: str) -> None:
 
 def _storable(path: str, directory: str) -> None:
     """Refuse (ValueError naming ``--out``), before the synthesis, a safetensors ``path`` for tensors kept
-    as they are of a dtype safetensors has no name for (the snapshots store them as bytes: ``raw``)."""
+    as they are of a dtype safetensors has no name for (safetensors snapshots store them as bytes:
+    ``raw``; a sharded model's DCP snapshot as they are: its last snapshot's metadata says)."""
     if not path.lower().endswith(".safetensors"):
         return
     import torch
     from safetensors.torch import save
 
-    raw = {k: v for snap in read_snapshots(directory) if snap.meta is not None for k, v in snap.meta.raw.items()}
-    for key, dtype in sorted(raw.items()):
+    snaps = read_snapshots(directory)
+    kept = {k: v for snap in snaps if snap.meta is not None for k, v in snap.meta.raw.items()}
+    dcp = [snap for snap in snaps if snap.kind == "dcp"]
+    if dcp:
+        md = load_dcp_metadata(os.path.join(dcp[-1].path, ".metadata"))
+        kept.update({k: str(m.properties.dtype).removeprefix("torch.") for k, m in md.state_dict_metadata.items()
+                     if k.startswith(kept_key("")) and hasattr(m, "properties")})
+    for key, dtype in sorted(kept.items()):
         try:
             save({"probe": torch.empty(0, dtype=getattr(torch, dtype))})   # the safetensors _write uses
         except (KeyError, TypeError, ValueError):            # (0.8: KeyError)

@@ -233,3 +233,27 @@ def test_a_dcp_snapshot_killed_between_its_renames_is_mended_by_the_next_save_of
     assert sorted(os.listdir(snaps)) == sorted(["snapshot-000000000001", "snapshot-000000000001.json",
                                                 ".fastema-run"])
     assert [s.time for s in posthoc.read_snapshots(snaps)] == [1.0]
+
+
+@needs_gloo
+def test_posthoc_out_safetensors_of_dcp_snapshots_keeping_a_complex_tensor_is_refused_first(tmp_path, one_rank,
+                                                                                              capsys):
+    # a DCP snapshot keeps such a tensor as it is (no "raw" entry): the whole synthesis ran, then a
+    # bare KeyError: torch.complex128 from safetensors
+    from posthoc_cli import one_line, run_cli
+
+    class WithComplex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("z", torch.full((3,), 1 + 2j, dtype=torch.complex128))
+
+    net = WithComplex()
+    ph = PostHocEMA(net, snapshot_every=5, path=tmp_path / "run", copy=["z"], shard_replicas=True)
+    for _ in range(10):
+        _step(net, 0)
+        ph.update()
+    out = tmp_path / "ema.safetensors"
+    rc, _, err = run_cli(capsys, tmp_path / "run", "--sigma-rel", "0.07", "--max-error", "1", "--out", out)
+    assert rc == 1 and not out.exists()
+    one_line(err, "--out", "'z' is complex128", "ema.pt")
