@@ -133,6 +133,7 @@ class EMA(Face, FaceMemory, FaceNonFinite):
         # shard, on its device (each device's shards in one launch per dtype group)
         self._shards = {i: _shard_plan(names[i], leaves[i]) for i in self._float}
         self._specs = [(x.shape, x.dtype, x.sharding) for x in leaves]
+        self._taken = [x.sharding for x in leaves]     # the sharding object last taken per leaf (an equivalent one)
         self._array_type = type(leaves[self._float[0]])
         self._on_cpu = all(next(iter(leaves[i].devices())).platform == "cpu" for i in self._float)
         self._slots: dict = {}               # float leaf -> its shadow slots (one per distinct shard)
@@ -279,10 +280,11 @@ class EMA(Face, FaceMemory, FaceNonFinite):
             if type(x) is not self._array_type:
                 x = leaves[k] = self._check_leaf(nm, x)
             self._refuse_other(nm, x, shape, dtype)
-            if x.sharding is not sharding and x.sharding != sharding and \
-                    not x.sharding.is_equivalent_to(sharding, len(shape)):     # the same devices and layout
-                raise ValueError(f"leaf {nm} was on {sharding} when the EMA was made and is now on "
-                                 f"{x.sharding}; make a new EMA after moving the model. Nothing was updated.")
+            if x.sharding is not sharding and x.sharding is not self._taken[k]:
+                if x.sharding != sharding and not x.sharding.is_equivalent_to(sharding, len(shape)):
+                    raise ValueError(f"leaf {nm} was on {sharding} when the EMA was made and is now on "
+                                     f"{x.sharding}; make a new EMA after moving the model. Nothing was updated.")
+                self._taken[k] = x.sharding                # the same devices and layout: asked once a new object
         return leaves
 
     def shadow(self, row: int = 0, *, allow_nonfinite: bool | None = None):
