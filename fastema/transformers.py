@@ -72,6 +72,22 @@ def _transformers_method(frame: Any) -> bool:
     return isinstance(module, str) and (module == "transformers" or module.startswith("transformers."))
 
 
+def _cast_evaluation(ema, model: torch.nn.Module, loop, args, kwargs):
+    """``loop`` on the average where Trainer casts the model in place first (``bf16_full_eval`` /
+    ``fp16_full_eval`` outside training: ``model.to(dtype)`` replaces every tensor, which a swapped-in
+    average could not come back from): the average copied in (the EMA's own state untouched), the
+    model's tensors kept beside it, and put back into the cast model on return or on an error, as
+    Trainer leaves it (its raw weights in the eval dtype)."""
+    kept = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+    ema.copy_to(model)                                   # checked: an average holding inf or NaN is refused
+    try:
+        return loop(*args, **kwargs)
+    finally:
+        with torch.no_grad():
+            for n, t in model.state_dict(keep_vars=True).items():
+                t.copy_(kept[n])
+
+
 class EMACallback(TrainerCallback):
     """An EMA of the weights of the model a ``transformers.Trainer`` trains.
 
@@ -189,6 +205,8 @@ class EMACallback(TrainerCallback):
             ema = callback.ema
             if ema is None or ema.swapped:               # before training: nothing averaged yet
                 return loop(*args, **kwargs)
+            if not trainer.is_in_train and (trainer.args.bf16_full_eval or trainer.args.fp16_full_eval):
+                return _cast_evaluation(ema, unwrap(trainer.model), loop, args, kwargs)
             with ema.average_parameters():               # raw weights back on return or on an error
                 return loop(*args, **kwargs)
 

@@ -156,6 +156,35 @@ def test_evaluate_and_predict_with_the_average(tmp_path):
     assert not ema_cb.ema.swapped
 
 
+@pytest.mark.parametrize("flag, dtype", [("bf16_full_eval", torch.bfloat16), ("fp16_full_eval", torch.float16)])
+def test_evaluate_after_training_with_a_full_eval_cast_runs_on_the_average_and_leaves_the_raw_weights(
+        tmp_path, flag, dtype):
+    # Trainer casts the model in place outside training (model.to(bfloat16)) while the average was swapped in:
+    # evaluate() raised after the evaluation ran, the model kept the average and the EMA stayed swapped in
+    data = Tokens(16, 1)
+    model = tiny_gpt2()
+    ema_cb = EMACallback(decay=0.8, eval_with_ema=True)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=3, **{flag: True}),
+                      train_dataset=Tokens(32, 0), eval_dataset=data, callbacks=[ema_cb])
+    trainer.train()
+    trained = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    averaged = ema_cb.ema.averaged_state_dict()
+    loss = trainer.evaluate()["eval_loss"]
+    plain = tiny_gpt2(seed=1)
+    plain.load_state_dict({**trained, **averaged})
+    expected = Trainer(model=plain, args=arguments(tmp_path / "plain", **{flag: True}),
+                       eval_dataset=data).evaluate()["eval_loss"]
+    assert loss == expected                                   # the average, evaluated in the eval dtype
+    assert not ema_cb.ema.swapped
+    for n, t in model.state_dict().items():                    # Trainer's cast of the raw weights, as without fastema
+        assert t.dtype == (dtype if trained[n].is_floating_point() else trained[n].dtype)
+        assert torch.equal(t, trained[n].to(t.dtype)), n
+    with pytest.raises(ValueError, match="make a new shadow after changing the model, or change it back"):
+        ema_cb.ema.averaged_state_dict()                       # the cast model (Trainer's) is not the averaged one
+    model.float()                                              # changed back: the average, as it was
+    assert all(torch.equal(a, b) for a, b in zip(ema_cb.ema.averaged_state_dict().values(), averaged.values()))
+
+
 def test_load_best_model_at_end_brings_back_the_best_steps_ema(tmp_path):
     """With load_best_model_at_end, the Trainer puts the best checkpoint's weights back; the callback
     loads that checkpoint's EMA with them, so evaluating after training gives the best metric again
