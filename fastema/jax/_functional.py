@@ -326,7 +326,8 @@ class EmaTransform:
         if like is not None:
             like_leaves, like_def = jax.tree_util.tree_flatten(like)
             if cast(Any, like_def) != treedef:
-                raise ValueError(f"like= has the structure {like_def}, the state {treedef}")
+                raise ValueError(f"like= has the structure {like_def}, the state {treedef}: pass the "
+                                 f"parameters the state was made for (or a tree of their structure)")
             dtypes = [jnp.dtype(x.dtype) for x in like_leaves]
         elif self._dtypes.get(treedef) is not None:
             dtypes = self._dtypes[treedef]

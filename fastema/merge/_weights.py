@@ -225,7 +225,8 @@ def _sigma_rel(name: str, sigma_rel: float, profiles, count: int, max_error) -> 
                          f"snapshot) of fastema's PostHocEMA")
     if not sigma_rel < SIGMA_REL_MAX:
         raise ValueError(f"weights {name!r}: sigma_rel must be in (0, {SIGMA_REL_MAX:.4f})")
-    runs = sorted({str(same_run(p[2])) for p in profiles if len(p) > 2})
+    runs = sorted({"version-1 snapshots (no run id)" if same_run(p[2]) is None else f"run {same_run(p[2])}"
+                   for p in profiles if len(p) > 2})
     if len(runs) > 1:
         raise ValueError(f"weights {name!r} combine the profiles of one training run, but the inputs hold the "
                          f"snapshots of {len(runs)} runs ({', '.join(runs)}): give one run's snapshots (its "

@@ -128,8 +128,9 @@ def check_folder(directory: str, run_id: str, time: float, seen: dict | None = N
                             f"PostHocEMA then takes that run's id")
     if unreadable:
         listed = few([p for p, _ in unreadable])
+        fix = "" if "rename it back" in unreadable[0][1] else ": move them out of the folder"  # (its fix said)
         problems.append(f"it holds files named like snapshots that are not readable ones ({listed}: "
-                        f"{unreadable[0][1]}): move them out of the folder")
+                        f"{unreadable[0][1]}){fix}")
     claim = os.path.join(directory, CLAIM)
     held = None
     if not problems:

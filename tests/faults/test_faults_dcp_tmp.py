@@ -222,8 +222,9 @@ def test_a_dcp_snapshot_killed_between_its_renames_is_mended_by_the_next_save_of
     ph.snapshot()
     old = snaps / ".snapshot-000000000001.old"
     os.rename(snaps / "snapshot-000000000001", old)           # killed with the old one aside: the fix said
-    with pytest.raises(ValueError, match=r"the old one is '.*\.snapshot-000000000001\.old'; rename it back"):
+    with pytest.raises(ValueError, match=r"the old one is '.*\.snapshot-000000000001\.old'; rename it back") as err:
         ph.snapshot()
+    assert "move them out" not in str(err.value)            # (the one fix said: moving the .json would lose it)
     with pytest.raises(FileNotFoundError, match="rename it back"):
         posthoc.read_snapshots(snaps)
     os.rename(old, snaps / "snapshot-000000000001")

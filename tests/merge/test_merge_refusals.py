@@ -286,8 +286,8 @@ def test_sigma_rel_weights_of_two_runs_or_one_snapshot_twice_are_refused(tmp_pat
     # taken: two runs' snapshots were solved as one trajectory's, and a snapshot given twice made the
     # least squares singular (condition 1e19), its weights noise
     a, b = _posthoc_run(tmp_path / "a", 0), _posthoc_run(tmp_path / "b", 1)
-    refused(tmp_path, [tmp_path / "a", tmp_path / "b"], r"inputs hold the snapshots of 2 runs .*give one run's "
-            r"snapshots", weights="sigma_rel:0.07", allow_negative=True)
+    refused(tmp_path, [tmp_path / "a", tmp_path / "b"], r"inputs hold the snapshots of 2 runs \(run [0-9a-f]{32}, "
+            r"run [0-9a-f]{32}\): give one run's snapshots", weights="sigma_rel:0.07", allow_negative=True)
     refused(tmp_path, a + b[-1:], "snapshots of 2 runs", weights="sigma_rel:0.07", allow_negative=True)
     refused(tmp_path, a + a[-1:], r"two stored profiles are one \(time 15, gamma .*\): the snapshot of time 15 is "
             r"given twice; give each snapshot once", weights="sigma_rel:0.07", allow_negative=True)
