@@ -93,3 +93,33 @@ def test_without_a_group_the_same_refusals_are_raised_at_once():
         ema.swap(1)
     ema.swap(0)
     assert faults.same(raw, faults.raw(m)) and not ema.swapped
+
+
+def _sharded_refuses(rank, world, root):
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from fastema.torch import EMA
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    for i in (0, 2):
+        fully_shard(m[i])
+    fully_shard(m)
+    ema = EMA(m, 0.5)
+    ema.update()
+    ema.allow_nonfinite = True                 # no check of its own: rank 0's bad argument made no agreement,
+    raw = faults.raw(m)                        # while rank 1's False checked over the mesh, and waited
+    bad = "no" if rank == 0 else False
+    return {"swap": (*faults.outcome(lambda: ema.swap(allow_nonfinite=bad)),
+                     faults.same(raw, faults.raw(m)) and not ema.swapped)}
+
+
+def test_a_bad_argument_on_one_rank_of_a_sharded_average_that_allows_nonfinite_is_refused_on_every_rank(tmp_path):
+    ranks = run_ranks(_sharded_refuses, tmp_path, 2, str(tmp_path), timeout=200, pg_timeout=_COLLECTIVE_S)
+    for r in (0, 1):
+        kind, msg, s, intact = ranks[r]["swap"]
+        assert kind == ("TypeError" if r == 0 else "Disagreement"), (r, kind, msg)
+        assert "allow_nonfinite must be True, False or None, got 'no'" in msg, (r, msg)
+        assert s < _BOUND_S and intact, (r, s)

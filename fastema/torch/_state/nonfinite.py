@@ -66,7 +66,8 @@ class NonFinite:
         bad = allow is not None and not isinstance(allow, bool)
         with self.agreement.refusing(TypeError(f"allow_nonfinite must be True, False or None, got "
                                                f"{allow!r}")) if bad else contextlib.nullcontext():
-            before, self._allow = self._allow, None if bad else allow
+            before, self._allow = self._allow, False if bad else allow   # (bad: checked, so the read agrees
+                                                                        # where the others' checked reads do)
             try:
                 yield
             finally:
