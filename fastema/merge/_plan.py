@@ -137,7 +137,8 @@ def make_plan(sources: list, options, readers: int | None = None) -> Plan:
                          f"neither: drop it")
     if options.optimizer and not any(it.why == "optimizer state" for it in items):
         raise MergeError("optimizer=True keeps the optimizer state of torch inputs, and these inputs hold none: "
-                         "drop it")
+                         "no optimizer tensor (an optimizer's param_groups are no tensors, which the output "
+                         "does not hold): drop it")
     return Plan(items, src_index, read, written)
 
 

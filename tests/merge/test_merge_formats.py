@@ -141,7 +141,7 @@ def test_options_that_would_change_nothing_are_refused_before_anything_is_writte
                          ({"seed": 7}, r"seed=7 seeds stochastic_rounding and __scramble weights, and this merge "
                                        r"has neither: drop it"),
                          ({"optimizer": True}, "optimizer=True keeps the optimizer state of torch inputs, and these "
-                                               "inputs hold none: drop it")):
+                                               "inputs hold none: no optimizer tensor")):
         with pytest.raises(MergeError, match=says):
             merge_checkpoints(paths, tmp_path / "out.safetensors", **kwargs)
         assert not os.path.exists(tmp_path / "out.safetensors")
