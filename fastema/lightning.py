@@ -61,7 +61,8 @@ class WeightEMA(pl.Callback):
     The EMA is made when fitting (or testing) starts, after Lightning has moved the model
     to its device; it updates once per optimizer step (gradient accumulation respected).
     Checkpoints hold the raw weights as the model's ``state_dict`` and the EMA under this
-    callback's state, even when saved while the EMA is swapped in. :attr:`ema` is the
+    callback's state, even when saved while the EMA is swapped in (a copy of the raw weights, then
+    the EMA goes back in for the rest of the validation). :attr:`ema` is the
     :class:`fastema.torch.EMA` (``callback.ema.save(path)`` writes the averaged weights).
 
     ``trainer.fit(ckpt_path=...)`` also resumes a checkpoint of Lightning's ``WeightAveraging``
@@ -93,6 +94,7 @@ class WeightEMA(pl.Callback):
         self._peer: PeerAverage | None = None          # Lightning's WeightAveraging checkpoint, read when made
         self._step_seen: int | None = None
         self._stage: str | None = None                 # what the trainer runs (setup's stage)
+        self._saving_out = False                       # state_dict() swapped the EMA out for a save
 
     def _ensure(self, pl_module) -> None:
         if self.ema is None:
@@ -155,6 +157,7 @@ class WeightEMA(pl.Callback):
             self.ema.swap()
 
     def _swap_out(self) -> None:
+        self._saving_out = False
         if self.ema is not None and self.ema.swapped:
             self.ema.swap()
 
@@ -189,13 +192,33 @@ class WeightEMA(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.ema is None:
             return dict(self._pending) if self._pending is not None else {}
-        # A checkpoint written during validation (ModelCheckpoint, on_validation_end) must hold
-        # the raw weights as the model and the average here: put them back first. Validation
-        # is over by then; the model's state_dict holds references, saved after this returns.
+        # A checkpoint written while the EMA is swapped in (trainer.save_checkpoint() from a validation
+        # or test step) must hold the raw weights as the model and the average here: put them back
+        # first (the model's state_dict, read before this, holds references to the live tensors);
+        # on_save_checkpoint keeps copies of them and swaps the EMA back in for the rest of the loop
+        swapped = self.ema.swapped
         self._swap_out()
+        self._saving_out = swapped
         # Lightning calls this on every rank and rank 0 writes the checkpoint whole (torch.save): a split
         # average (shard_replicas) gathers its slices into full tensors here, which loads on any world size
         return self.ema.gathered_state_dict() if self.ema.split else self.ema.state_dict()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """After :meth:`state_dict` swapped the EMA out for a save (Lightning calls both on every rank,
+        and writes the file after this returns): the checkpoint keeps copies of the raw weights, and
+        the EMA goes back in, so the rest of the validation (test, predict) runs on it. A save with
+        the raw weights in place copies nothing."""
+        if not self._saving_out:
+            return
+        self._saving_out = False
+        if self.ema is None or self.ema.swapped:
+            return
+        model = checkpoint.get("state_dict")
+        if isinstance(model, dict):                     # (in place: the dict keeps its _metadata)
+            for k, v in list(model.items()):
+                if isinstance(v, torch.Tensor):
+                    model[k] = v.detach().clone()
+        self.ema.swap()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

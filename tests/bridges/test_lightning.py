@@ -536,3 +536,87 @@ def test_a_poisoned_average_is_refused_by_the_validation_swap_and_the_resume_unt
         trainer(tmp_path, [resumed], **short).fit(model, loader(), loader(8))
     assert resumed.repair_nonfinite() == ["net.0.bias"]
     assert torch.equal(resumed.ema.averaged_state_dict()["net.0.bias"], model.net[0].bias)
+
+
+class SavesWhileEvaluating(Regressor):
+    """Writes a checkpoint from its first validation (and test) step of epoch 0, before computing the
+    loss of that batch, and keeps every batch's loss."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.losses = path, {"val": [], "test": []}
+
+    def _step(self, batch, batch_idx, stage):
+        if batch_idx == 0 and self.current_epoch == 0:
+            self.trainer.save_checkpoint(self.path / f"{stage}.ckpt")
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.losses[stage].append(loss.detach().clone())
+        self.log(f"{stage}_loss", loss)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, batch_idx, "test")
+
+
+def test_a_checkpoint_saved_inside_validation_holds_the_raw_weights_and_validation_stays_on_the_average(tmp_path):
+    """trainer.save_checkpoint() from validation_step (or test_step): the checkpoint holds the raw
+    weights bit for bit and the EMA, resumes exactly, and the rest of that validation still runs on
+    the average (the save swapped the EMA out for good: batches 1.. ran on the raw weights)."""
+    val = loader(32, seed=1)
+
+    def on_average(model, ema):                       # a plain evaluation of the averaged weights
+        model.eval()
+        with torch.no_grad(), ema.average_parameters():
+            return [nn.functional.mse_loss(model.net(x), y) for x, y in val]
+
+    cb, probe = WeightEMA(decay=0.8), Probe()
+    model = SavesWhileEvaluating(tmp_path / "a")
+    trainer(tmp_path / "a", [cb, probe], max_epochs=1).fit(model, loader(32), val)
+    assert len(model.losses["val"]) == 4
+    for got, want in zip(model.losses["val"], on_average(model, cb.ema)):
+        assert torch.equal(got, want)
+    raw = model.state_dict()                          # validation ended the fit: the raw weights are back
+    assert all(torch.equal(w, probe.steps[-1][1][n]) for n, w in weights(model).items())
+    ckpt = torch.load(tmp_path / "a" / "val.ckpt", weights_only=False)
+    assert ckpt["state_dict"].keys() == raw.keys()
+    for n, w in raw.items():
+        assert torch.equal(ckpt["state_dict"][n], w), n
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "WeightEMA" in k]
+    assert state["calls"] == 4
+    now = cb.ema.averaged_state_dict()
+    assert state["averaged"]
+    for n, rows in state["averaged"].items():          # (one row: one decay)
+        assert torch.equal(rows[0], now[n]), n
+
+    # trainer.test too: every batch on the average, the checkpoint the raw weights, which are back after
+    trainer(tmp_path / "a", [cb]).test(model, val, verbose=False)
+    for got, want in zip(model.losses["test"], on_average(model, cb.ema)):
+        assert torch.equal(got, want)
+    tested = torch.load(tmp_path / "a" / "test.ckpt", weights_only=False)
+    assert all(torch.equal(tested["state_dict"][n], w) for n, w in raw.items())
+    assert all(torch.equal(w, raw[n]) for n, w in model.state_dict().items())
+
+    # two epochs, the same save at epoch 0: training after that validation goes on from the raw weights
+    full, starts = WeightEMA(decay=0.8), StartsOfBatches()
+    model = SavesWhileEvaluating(tmp_path / "b")
+    trainer(tmp_path / "b", [full, starts]).fit(model, loader(32), val)
+    assert all(torch.equal(starts.seen[4][n], w) for n, w in raw.items())     # epoch 1's first batch
+    # resumed from the checkpoint written inside validation: the run without the stop, bit for bit
+    resumed = WeightEMA(decay=0.8)
+    again = SavesWhileEvaluating(tmp_path / "c")
+    trainer(tmp_path / "c", [resumed]).fit(again, loader(32), val, ckpt_path=tmp_path / "a" / "val.ckpt")
+    assert resumed.ema.updates == full.ema.updates == 8
+    assert all(torch.equal(w, model.state_dict()[n]) for n, w in again.state_dict().items())
+    for n, v in resumed.ema.averaged_state_dict().items():
+        assert torch.equal(v, full.ema.averaged_state_dict()[n]), n
+
+
+class StartsOfBatches(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append({n: t.detach().clone() for n, t in pl_module.state_dict().items()})
