@@ -73,9 +73,8 @@ class Face:
 
     @property
     def skip_nonfinite(self) -> bool:
-        """Whether an update is skipped (decided on the device, no sync) when a tensor it reads holds
-        inf/NaN; it may be switched between updates (not where the shadow folds on a host thread:
-        an offloaded average)."""
+        """Whether an update is skipped (decided on the device, no sync) when a tensor it reads holds inf/NaN; it
+        may be switched between updates (not where the shadow folds on a host thread: an offloaded average)."""
         return self._core.skip_nonfinite
 
     @skip_nonfinite.setter
@@ -112,11 +111,10 @@ class FaceNonFinite:
 
     @property
     def allow_nonfinite(self) -> bool:
-        """Whether an average holding inf or NaN is handed out (a swap in, ``copy_to()``, a read of
-        the average) and loaded (with a warning) without a call's own ``allow_nonfinite=``: the
-        default of every such call, and what a load another library makes reads (a checkpoint's
-        restore, a callback's resume). False: refused, naming the tensors; see
-        ``repair_nonfinite()`` and ``docs/guides/nonfinite.md``."""
+        """Whether an average holding inf or NaN is handed out (a swap in, ``copy_to()``, a read of the average)
+        and loaded (with a warning) without a call's own ``allow_nonfinite=``: the default of every such call, and
+        what a load another library makes reads (a checkpoint's restore, a callback's resume). False: refused,
+        naming the tensors; see ``repair_nonfinite()`` and ``docs/guides/nonfinite.md``."""
         return self._core.allow_nonfinite
 
     @allow_nonfinite.setter
@@ -207,19 +205,19 @@ class Average:
 
     def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
                skip_if: dict | None = None) -> None:
-        """One ``update()`` call of every face: the plan says what it does (``step`` checked first,
-        after compiled steps against the device's counters; nothing is recorded when a check refuses
-        the call); the adapter, when there is one, checks and follows the model
-        (:meth:`ModelAdapter.begin`); with the plan on the device every call launches
-        (:meth:`fold_on_device`: the device skips what ``update_every`` skips; after compiled steps
-        the host's counts wait for :meth:`plan_now`), else a due call folds (:meth:`fold`) from
-        ``read()`` (the model's tensors, or None), called only when the call updates. ``skip_if``:
-        ``device -> int32[1]`` flags (``found_inf``, :mod:`fastema.torch._face.attach`): where one
-        is set the call writes nothing on its device, but is counted; host plan only."""
+        """One ``update()`` call of every face: the plan says what it does (``step`` checked first, after compiled
+        steps against the device's counters, and so is a plain call's time once a timed schedule took a step:
+        :attr:`DevicePlan.stepped`; nothing is recorded when a check refuses the call); the adapter, when there is
+        one, checks and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
+        launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips; after compiled steps the
+        host's counts wait for :meth:`plan_now`), else a due call folds (:meth:`fold`) from ``read()`` (the model's
+        tensors, or None), called only when the call updates. ``skip_if``: ``device -> int32[1]`` flags
+        (``found_inf``, :mod:`fastema.torch._face.attach`): set, the call writes nothing on its device but is
+        counted; host plan only."""
         plan = self.device_plan
         if plan is not None and skip_if is not None:
             raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
-        now = step is not None and plan is not None and plan.in_graph      # the device's last time
+        now = plan is not None and plan.in_graph and (step is not None or plan.stepped)    # the device's last time
         pending = (self.plan_now() if now else self.plan).next(step)    # checks; records nothing
         adapter = self.adapter
         if plan is not None:                    # every call launches; the device skips
@@ -238,9 +236,9 @@ class Average:
         self.plan.done(pending)
 
     def plan_now(self, replayed: bool | None = False) -> Plan:
-        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps
-        advance them in the graph alone (:attr:`DevicePlan.in_graph`) or, ``replayed``, wherever
-        the plan is there (replays: for reads, never in a step); ``None``: the host's as they are."""
+        """:attr:`plan`, its counters first read from the device (one sync) where compiled steps advance them in the
+        graph alone (:attr:`DevicePlan.in_graph`) or, ``replayed``, wherever the plan is there (replays: for reads,
+        never in a step); ``None``: the host's as they are."""
         device = self.device_plan
         if device is not None and replayed is not None and (device.in_graph or replayed):
             device.read_into(self.plan)
@@ -290,10 +288,10 @@ class Average:
         return out
 
     def fold_on_device(self, step: int | None, plan) -> None:
-        """The launches of one ``update()`` call with the plan on the device (``plan``, a
-        :class:`~fastema.average._device_plan.DevicePlan`): what a CUDA graph replays (no host value but
-        ``step`` baked in). The plan step rides in each device's first lerp launch (``DevicePlan.carriers``),
-        but behind a non-finite scan (run between the two). The adapter carries the rest behind the flags."""
+        """The launches of one ``update()`` call with the plan on the device (``plan``, a :class:`DevicePlan`):
+        what a CUDA graph replays (no host value but ``step`` baked in). The plan step rides in each device's first
+        lerp launch (``DevicePlan.carriers``), but behind a non-finite scan (run between the two). The adapter
+        carries the rest behind the flags; a timed schedule's ``step`` marks the plan ``stepped``."""
         flags = plan.flags
         assert self.adapter is not None, "a plan on the device goes with an adapter (plan_on_device)"
         if self.skip_nonfinite:
@@ -306,6 +304,7 @@ class Average:
             self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan,
                                        given=-1 if step is None else step)
         self.adapter.carry(flags)
+        plan.stepped = plan.stepped or (step is not None and self.plan.timed)
 
     def refuse_on_the_host(self, what: str, why: str) -> None:
         """ValueError naming ``what`` where the shadow folds on a host thread (it declares

@@ -253,6 +253,10 @@ class DevicePlan:
         """True once a compiled graph advances the plan on the device itself (see
         :func:`formula`; set while tracing): the host plan's counters are then read from the
         device (:meth:`read_into`) before every use."""
+        self.stepped = False
+        """True once a schedule over training time may have its last update's time past the calls
+        (an ``update(step=)`` made, or loaded): a plain call then has its time checked (a compiled
+        one goes through the operator, an eager one reads the device's counters first)."""
         self.load(plan, seed)
 
     def load(self, plan: Plan, seed: int) -> None:
@@ -260,6 +264,7 @@ class DevicePlan:
         a checkpoint load: a host copy, not a per-step path)."""
         params, decays = parameters(plan, seed)
         self.recipe = formula(plan)
+        self.stepped = plan.timed and plan.last_time > plan.calls
         params = np.concatenate([params, np.zeros(_capacity(plan.rows) - params.size)])  # one size for every load
         self._params = params
         state = np.array([plan.calls, plan.updates, plan.last_time, *plan.norms], np.float64)

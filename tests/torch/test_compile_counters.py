@@ -148,3 +148,60 @@ def test_the_graphs_mark_takes_no_argument_is_torchs_own_and_marks_by_the_trace(
     assert not ema._core.device_plan.in_graph
     _compiled_plain_steps(model, ema, 3)
     assert ema.updates == 4
+
+
+def _same(ema, twin):
+    """``ema``'s state is ``twin``'s: the counters and times, and the averages bit for bit."""
+    got, want = ema.state_dict(), twin.state_dict()
+    arrays = ("averaged", "copied", "int_buffers")
+    assert {k: v for k, v in got.items() if k not in arrays} == {k: v for k, v in want.items() if k not in arrays}
+    for k, v in want["averaged"].items():
+        assert torch.equal(got["averaged"][k], v), k
+    assert (ema.updates, ema.calls, ema.decay) == (twin.updates, twin.calls, twin.decay)
+
+
+@pytest.mark.parametrize("decay", [PowerFunction(7.0), HalfLife(3.0)], ids=["power_function", "half_life"])
+def test_a_plain_update_before_a_given_steps_time_is_refused_compiled_as_in_eager(decay):
+    """A schedule over training time refuses a plain ``update()`` whose time (the calls + 1) is before the last
+    update's, made by ``update(step=100)`` (eager names it; nothing changes). The plain compiled update wrote
+    the update in the graph with no check: accepted, a decay above 1, the last time going back to 5; and after
+    compiled steps an eager ``update()`` checked the host's counters, never read back: accepted too. Both now
+    refuse as eager does, change nothing, and the steps go on equal to an eager twin's; so does a plain update
+    traced after an ``update(step=)`` in the same function, before any step was given, and one of an average
+    loaded from such a checkpoint."""
+    model, twin_model = _model(), _model()
+    ema, twin = EMA(model, decay, device_step=True), EMA(twin_model, decay, device_step=True)
+    params, twin_params = list(model.parameters()), list(twin_model.parameters())
+
+    def nudge(i):
+        with torch.no_grad():
+            torch._foreach_mul_(params, 1.0 + 0.1 * i)
+            torch._foreach_mul_(twin_params, 1.0 + 0.1 * i)
+
+    dynamo.reset()
+    plain = torch.compile(lambda: ema.update(), backend="eager", fullgraph=True)
+    stepped = torch.compile(lambda s: ema.update(step=s), backend="eager", fullgraph=True)
+    both = torch.compile(lambda s: (ema.update(step=s), ema.update()), backend="eager", fullgraph=True)
+    for i in range(3):
+        nudge(i)
+        plain()
+        twin.update()
+    assert ema._core.device_plan.in_graph
+    nudge(3)
+    for two in (both, lambda s: (twin.update(step=s), twin.update())):     # the step's update made, then refused
+        with pytest.raises(ValueError, match="step=None is before the last update's time 100"):
+            two(100)
+    _same(ema, twin)
+    nudge(4)
+    for run in (twin.update, plain, ema.update):
+        with pytest.raises(ValueError, match="step=None is before the last update's time 100"):
+            run()
+        _same(ema, twin)
+    stepped(101)
+    twin.update(step=101)
+    _same(ema, twin)
+    loaded = EMA(_model(), decay, device_step=True)                # a checkpoint past its calls' time
+    loaded.load_state_dict(twin.state_dict())
+    with pytest.raises(ValueError, match="step=None is before the last update's time 101"):
+        torch.compile(lambda: loaded.update(), backend="eager", fullgraph=True)()
+    assert loaded.calls == twin.calls

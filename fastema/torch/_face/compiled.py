@@ -197,6 +197,8 @@ def compiled_update(owner: Compiled, step) -> None:
         except ValueError as err:
             torch.ops.fastema.refuse_update_(written, str(err), None, None)
             return
+        if lowered is not None:                          # a timed schedule's later plain updates: checked
+            lowered.took_step()
     torch.ops.fastema.update_(written, read, owner.handle, -1 if step is None else step)
 
 

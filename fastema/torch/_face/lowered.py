@@ -5,9 +5,10 @@ The plain case: an :class:`~fastema.torch.EMA` (not a subclass that adds to the 
 plan on the device (``device_step``), every shadow in its source's dtype, float32 or float64,
 nearest rounding, no ``skip_nonfinite``, ``update_every=1``, a schedule
 whose :meth:`fastema.average.DevicePlan.formula` is not None (a constant decay, ``NumUpdates``,
-``PowerWarmup``, ``PowerFunction``, ``HalfLife``; ``debias`` too), a whole shadow on the sources'
-devices (no offload, split, masters or sharded parameters), no ``step=``, the model as the average
-last followed it (no swap in, no restart or registration pending). :meth:`Lowered.trace` then
+``PowerWarmup``, ``PowerFunction``, ``HalfLife``; ``debias`` too; the last two over training time:
+not once given a ``step=``, whose time a plain call's is checked against, ``DevicePlan.stepped``), a
+whole shadow on the sources' devices (no offload, split, masters or sharded parameters), no ``step=``,
+the model as the average last followed it (no swap in, no restart or registration pending). :meth:`Lowered.trace` then
 writes, in the traced function, the plan kernel's step (``kernels._stats.plan_step``) in float64
 tensor operations on the device plan's counters (the decay, the debiased weight), and the lerp of
 each row's shadow views to the sources as Dynamo writes ``torch._foreach_lerp_`` from torch 2.12 on
@@ -49,6 +50,7 @@ from .._tensors.model import TorchModel, static
 __all__ = ["Lowered"]
 
 _WIDTHS = (torch.float32, torch.float64)         # the dtypes whose lerp takes a weight of their own
+_TIMED = ("power_function", "half_life")         # the kinds over training time: a plain call's time is checked
 _HALF = {torch.float32: 0.5 - 2.0 ** -26, torch.float64: 0.5}    # the least weight each takes as 0.5 or more
 
 
@@ -138,6 +140,14 @@ class Lowered:
         held = {id(t) for t in self.owned}
         self.owned.extend(t for t in made if id(t) not in held)
 
+    def took_step(self) -> None:
+        """In a traced function, before an ``update(step=)``'s operator: a schedule over training time's
+        plain updates later in this trace go through the operator too (:attr:`DevicePlan.stepped`, which
+        the operator sets when it runs; Dynamo stores it after the graph as well)."""
+        recipe = self.device_plan.recipe
+        if recipe is not None and recipe[0] in _TIMED:
+            self.device_plan.stepped = True
+
     def trace(self) -> bool:
         """In a traced function: the update written into the graph (True), or nothing (False: the
         caller puts the operator in instead). What it reads is the compiled code's guards."""
@@ -149,6 +159,8 @@ class Lowered:
         if recipe is None:
             return False
         kind, rows, debias = recipe
+        if kind in _TIMED and self.device_plan.stepped:     # its time checked against the last (the operator)
+            return False
         tensor_weights = debias or kind != "constant"
         sources, views, n = self.sources, self.views, self.n
         with torch.no_grad():                   # as the eager update: the weights may require grad
