@@ -805,3 +805,40 @@ def test_a_checkpoint_load_that_changes_the_schedule_is_seen_by_the_compiled_upd
         assert (ema.updates, ema.calls, ema.decay) == (twin.updates, twin.calls, twin.decay)
         a, b = ema.state_dict()["averaged"], twin.state_dict()["averaged"]
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+CHANGES = {"model.to(float64)": lambda m: m.to(torch.float64),
+           ".data cast": lambda m: setattr(m[0].weight, "data", m[0].weight.data.double()),
+           ".data reshaped": lambda m: setattr(m[0].weight, "data", torch.zeros(8, 16)),
+           ".data strided": lambda m: setattr(m[0].weight, "data", m[0].weight.data.t().contiguous().t())}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_model_cast_or_reshaped_between_compiled_steps_is_refused_as_in_eager(change):
+    """A model whose tensors change dtype, shape or strides in place after compiled plain steps: eager refuses
+    ("make a new shadow after changing the model ... Nothing was updated"). The compiled update reused the
+    lists made before the change: Dynamo traced again and the update wrote the cast weights into the shadow
+    (counted), or failed with Dynamo's own error (a reshape). It refuses as eager does, nothing changed; the
+    model changed back, the steps go on equal to eager."""
+    model = _model()
+    ea, eb = EMA(model, 0.9, device_step=True), EMA(model, 0.9, device_step=True)
+    dynamo.reset()
+    compiled = torch.compile(lambda: ea.update(), backend="eager", fullgraph=True)
+    for _ in range(2):
+        with torch.no_grad():
+            torch._foreach_add_(list(model.parameters()), 0.25)
+        compiled()
+        eb.update()
+    weight = model[0].weight.detach().clone()
+    CHANGES[change](model)
+    for run in (eb.update, compiled):
+        with pytest.raises(ValueError, match="make a new shadow after changing the model.*Nothing was updated"):
+            run()
+        _assert_same(ea, eb)
+    model.to(torch.float32)
+    with torch.no_grad():
+        model[0].weight.data = weight + 0.5
+    compiled()
+    eb.update()
+    _assert_same(ea, eb)
+    assert ea.updates == 3

@@ -22,9 +22,10 @@ the same step with ``_foreach_lerp_``).
 
 Anything else goes through the ``fastema::update_`` operator, which runs the eager update: the
 special cases (stochastic rounding, ``skip_nonfinite``, mixed dtypes, ``update_every``, momentum
-and merge schedules, BEMA, a placement) and a model changed since its lists were made (the
-registration hooks mark it stale; with them removed, ``fastema.torch.registration_hooks(False)``,
-a tensor registered on the model after the last eager update is seen at the next eager one). The
+and merge schedules, BEMA, a placement) and a model changed since its lists were made (a tensor
+cast, reshaped or restrided in place: eager's refusal; the registration hooks mark it stale; with
+them removed, ``fastema.torch.registration_hooks(False)``, a tensor registered on the model after
+the last eager update is seen at the next eager one). The
 host plan is not advanced in the graph: once a graph advances it (set while tracing), every read of
 the counters (``ema.updates``, ``calls``, ``decay``, ``plan``, ``state_dict()``, an eager update)
 reads the device's first (:meth:`fastema.average.Average.plan_now`: on a GPU a sync).
@@ -163,6 +164,13 @@ class Lowered:
             return False
         tensor_weights = debias or kind != "constant"
         sources, views, n = self.sources, self.views, self.n
+        i = 0
+        for src in sources:     # a model cast or reshaped in place (model.to(), .data =): eager's refusal
+            view = views[i] if i < n else self.copies[i - n]    # (no zip: a builtin read is a guard)
+            if src.dtype != view.dtype or src.shape != view.shape or src.device != view.device \
+                    or (i < n and src.stride() != view.stride()):
+                return False
+            i += 1
         with torch.no_grad():                   # as the eager update: the weights may require grad
             weights = {device: _advance(counters, kind, rows, debias)
                        for device, counters in self.plans.items()}
