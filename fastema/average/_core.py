@@ -137,8 +137,7 @@ class ModelAdapter(Protocol):
         """Non-finite flags of every tensor the update reads (device values, no sync)."""
 
     def carry(self, flags: dict | None) -> None:
-        """After the update: the tensors carried along as they are (copied buffers), skipped where
-        ``flags`` is set."""
+        """After the update: the tensors carried along as they are (copied buffers), skipped where ``flags`` is set."""
 
 
 class Average:
@@ -206,18 +205,18 @@ class Average:
     def update(self, step: int | None = None, read: Callable[[], Sequence | None] | None = None,
                skip_if: dict | None = None) -> None:
         """One ``update()`` call of every face: the plan says what it does (``step`` checked first, after compiled
-        steps against the device's counters, and so is a plain call's time once a timed schedule took a step:
-        :attr:`DevicePlan.stepped`; nothing is recorded when a check refuses the call); the adapter, when there is
-        one, checks and follows the model (:meth:`ModelAdapter.begin`); with the plan on the device every call
-        launches (:meth:`fold_on_device`: the device skips what ``update_every`` skips; after compiled steps the
-        host's counts wait for :meth:`plan_now`), else a due call folds (:meth:`fold`) from ``read()`` (the model's
-        tensors, or None), called only when the call updates. ``skip_if``: ``device -> int32[1]`` flags
-        (``found_inf``, :mod:`fastema.torch._face.attach`): set, the call writes nothing on its device but is
-        counted; host plan only."""
+        steps against the device's counters, as a plain call's time once a timed schedule took a step, and any
+        call's before the first update, whose time the host keeps; nothing is recorded when a check refuses the
+        call); the adapter, when there is one, checks and follows the model (:meth:`ModelAdapter.begin`); with the
+        plan on the device every call launches (:meth:`fold_on_device`: the device skips what ``update_every``
+        skips; after compiled steps the host's counts wait for :meth:`plan_now`), else a due call folds
+        (:meth:`fold`) from ``read()`` (the model's tensors, or None), called only when the call updates.
+        ``skip_if``: ``device -> int32[1]`` flags (``found_inf``, :mod:`fastema.torch._face.attach`): set, the
+        call writes nothing on its device but is counted; host plan only."""
         plan = self.device_plan
         if plan is not None and skip_if is not None:
             raise ValueError("skip_if= goes with the plan on the host only (device_step=False)")
-        now = plan is not None and plan.in_graph and (step is not None or plan.stepped)    # the device's last time
+        now = plan is not None and plan.in_graph and (step is not None or plan.stepped or self.plan.first_time is None)
         pending = (self.plan_now() if now else self.plan).next(step)    # checks; records nothing
         adapter = self.adapter
         if plan is not None:                    # every call launches; the device skips
@@ -225,6 +224,8 @@ class Average:
             adapter.begin(True)
             self.fold_on_device(step, plan)
             if plan.in_graph:                   # counted on the device alone, as compiled steps are: no
+                if now and pending.due and self.plan.first_time is None:    # (the device keeps no first time)
+                    self.plan.first_time = pending.time
                 return                          # read back per step (plan_now() reads where it is read)
         elif pending.due:
             if adapter is not None:

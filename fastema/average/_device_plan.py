@@ -275,8 +275,9 @@ class DevicePlan:
     def read_into(self, plan: Plan) -> None:
         """Set the host plan's counters and normalisers from the device (one sync): after CUDA
         graph replays, or compiled steps that advanced the plan in the graph (:attr:`in_graph`:
-        every call of theirs was due and counted by its call: the first update's time is the call
-        after the host's last), the device is ahead of the host."""
+        every call of theirs was due and counted by its call: with no first update's time yet, the
+        first is the call after the host's last; an eager call then reads first and keeps its own
+        time, ``Average.update``), the device is ahead of the host."""
         state = _backends.to_host(next(iter(self.devices.values())).arrays["state"])
         if self.in_graph and plan.first_time is None and state[S_UPDATES] > plan.updates:
             plan.first_time = float(plan.cadence.calls + 1)      # a graph's first: the next call

@@ -205,3 +205,30 @@ def test_a_plain_update_before_a_given_steps_time_is_refused_compiled_as_in_eage
     with pytest.raises(ValueError, match="step=None is before the last update's time 101"):
         torch.compile(lambda: loaded.update(), backend="eager", fullgraph=True)()
     assert loaded.calls == twin.calls
+
+
+@pytest.mark.parametrize("decay", [PowerFunction(7.0), HalfLife(3.0), 0.9], ids=["power_function", "half_life",
+                                                                                  "constant"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager steps", "compiled steps"])
+def test_the_first_updates_time_after_compiled_steps_is_eagers(decay, compiled):
+    """``state_dict()["first_time"]``, the time of the first update: after a compiled plain step (the plan
+    counted on the device, which keeps no first time) and a checkpoint load, updates at ``step=5, 6, 9``
+    (eager, or compiled: the operator) gave 1.0, a guess from the host's calls, where an eager EMA gives 5.0.
+    The host keeps the first update's time itself; the counts and the averages equal the eager twin's."""
+    model, twin_model = _model(), _model()
+    ema, twin = EMA(model, decay, device_step=True), EMA(twin_model, decay, device_step=True)
+    fresh = EMA(_model(), decay, device_step=True).state_dict()
+    _compiled_plain_steps(model, ema, 1)
+    twin_model.load_state_dict(model.state_dict())                 # the weights the compiled step moved
+    ema.load_state_dict(fresh)
+    twin.load_state_dict(fresh)
+    update = torch.compile(lambda s: ema.update(step=s), backend="eager", fullgraph=True) if compiled else \
+        (lambda s: ema.update(step=s))
+    for step in (5, 6, 9):
+        with torch.no_grad():
+            torch._foreach_mul_(list(model.parameters()), 1.0 + 0.1 * step)
+            torch._foreach_mul_(list(twin_model.parameters()), 1.0 + 0.1 * step)
+        update(step)
+        twin.update(step=step)
+    assert twin.state_dict()["first_time"] == 5.0
+    _same(ema, twin)
