@@ -842,3 +842,41 @@ def test_a_model_cast_or_reshaped_between_compiled_steps_is_refused_as_in_eager(
     eb.update()
     _assert_same(ea, eb)
     assert ea.updates == 3
+
+
+@pytest.mark.parametrize("device_step", [True, False], ids=["device plan", "host plan"])
+def test_an_update_traced_after_a_swap_is_refused_as_in_eager(device_step):
+    """``swap(); update()`` in one compiled function (``fullgraph=True``): eager swaps the average in, then
+    refuses the update ("update() while the EMA weights are swapped into the model"). With the plan on the
+    device the update was written in the graph, from the swap state read before the traced swap: the shadow
+    updated while swapped (Dynamo's graph run as it is), or torch's BackendCompilerFailed (aot_autograd's view
+    input mutations). Both refuse as eager does, the average left swapped in as eager leaves it; a compiled
+    swap alone still swaps in and back in turn, as eager's."""
+    models = _model(), _model()
+    ea, eb = (EMA(m, 0.9, device_step=device_step) for m in models)
+    for m, e in zip(models, (ea, eb)):
+        with torch.no_grad():
+            torch._foreach_add_(list(m.parameters()), 0.5)
+        e.update()
+    dynamo.reset()
+
+    def swap_then_update():
+        ea.swap()
+        ea.update()
+        ea.swap()
+
+    eb.swap()
+    for run in (eb.update, torch.compile(swap_then_update, backend="eager", fullgraph=True)):
+        with pytest.raises(RuntimeError, match=r"update\(\) while the EMA weights are swapped into the model"):
+            run()
+    assert ea.swapped and eb.swapped
+    swap = torch.compile(lambda: ea.swap(), backend="eager", fullgraph=True)
+    for _ in range(3):
+        swap()
+        eb.swap()
+        assert ea.swapped == eb.swapped
+        assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
+    _assert_same(ea, eb)
+    ea = EMA(_model(), 0.9, device_step=device_step)              # aot_autograd's graph: eager's error too
+    with pytest.raises(RuntimeError, match=r"update\(\) while the EMA weights are swapped into the model"):
+        torch.compile(swap_then_update, backend="aot_eager", fullgraph=True)()

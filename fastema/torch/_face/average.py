@@ -162,8 +162,7 @@ class TorchAverage(TorchFace):
         ``torch.compile`` the setting decides).
         """
         if torch.compiler.is_compiling():
-            compiled = self.compiled
-            torch.ops.fastema.swap_(compiled.ops["swap"][0], compiled.handle, row)
+            _compile.compiled_swap(self.compiled, row)
             return
         with self._checkpoint.nonfinite.allowing(allow_nonfinite):
             self._swap.swap(row)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Compiled", "after_steps", "compiled_step", "compiled_update", "operator"]
+__all__ = ["Compiled", "after_steps", "compiled_step", "compiled_swap", "compiled_update", "operator"]
 
 _OWNERS: dict[int, weakref.ref] = {}
 _IDS = itertools.count(1)
@@ -257,6 +257,20 @@ def swap_(written: list[torch.Tensor], handle: int, row: int) -> None:
     with _through(owner, written, [], own_written, []):
         owner.swap.swap(row)
     _bump(written)
+
+
+def compiled_swap(owner: Compiled, row) -> None:
+    """A face's ``swap(row)`` inside a traced function: one :func:`swap_` operator, and the swap state
+    as the swap leaves it (where it is not refused), for the rest of the trace: an EMA's ``update()``
+    traced after it is the operator, which refuses it as eager does (the update written in the graph
+    read the state before the swap). Dynamo stores that state after the graph too, as the operator
+    left it."""
+    torch.ops.fastema.swap_(owner.ops["swap"][0], owner.handle, row)
+    state = owner.swap
+    if state.row is None:
+        state.row = row
+    elif state.row == row:
+        state.row = None
 
 
 @operator("copy_to_(Tensor(a0!)[] written, Tensor[] read, SymInt handle, SymInt row) -> ()")

@@ -3,22 +3,23 @@ so that Inductor fuses it with the parameter update: no operator call, no kernel
 
 The plain case: an :class:`~fastema.torch.EMA` (not a subclass that adds to the update) with the
 plan on the device (``device_step``), every shadow in its source's dtype, float32 or float64,
-nearest rounding, no ``skip_nonfinite``, ``update_every=1``, a schedule
-whose :meth:`fastema.average.DevicePlan.formula` is not None (a constant decay, ``NumUpdates``,
+nearest rounding, no ``skip_nonfinite``, ``update_every=1``, a schedule whose
+:meth:`fastema.average.DevicePlan.formula` is not None (a constant decay, ``NumUpdates``,
 ``PowerWarmup``, ``PowerFunction``, ``HalfLife``; ``debias`` too; the last two over training time:
 not once given a ``step=``, whose time a plain call's is checked against, ``DevicePlan.stepped``), a
-whole shadow on the sources' devices (no offload, split, masters or sharded parameters), no ``step=``,
-the model as the average last followed it (no swap in, no restart or registration pending). :meth:`Lowered.trace` then
-writes, in the traced function, the plan kernel's step (``kernels._stats.plan_step``) in float64
-tensor operations on the device plan's counters (the decay, the debiased weight), and the lerp of
-each row's shadow views to the sources as Dynamo writes ``torch._foreach_lerp_`` from torch 2.12 on
-(:func:`_lerp_`, on every supported torch), the weight a 0-d tensor of the graph (a constant decay:
-a constant of the graph, filled in by ``full_like``; never a Python number read at each call: no
-recompilation as it changes, no host sync), then copies the copied buffers. Every tensor it writes
-is a constant of the graph of its own, guarded by identity (:class:`Lowered`: an alias of a view of
-the shadow's flat buffer, the views not overlapping one another), so Inductor writes them in place:
-no copy, no allocation, and on the CPU no kernel of its own (the whole step is one C++ kernel, as
-the same step with ``_foreach_lerp_``).
+whole shadow on the sources' devices (no offload, split, masters or sharded parameters), no
+``step=``, the model as the average last followed it (no swap in, one traced before included: the
+state as the traced swap leaves it, :func:`~fastema.torch._face.compiled.compiled_swap`; no restart
+or registration pending). :meth:`Lowered.trace` then writes, in the traced function, the plan
+kernel's step (``kernels._stats.plan_step``) in float64 tensor operations on the device plan's
+counters (the decay, the debiased weight), and the lerp of each row's shadow views to the sources as
+Dynamo writes ``torch._foreach_lerp_`` from torch 2.12 on (:func:`_lerp_`, on every supported
+torch), the weight a 0-d tensor of the graph (a constant decay: a constant of the graph, filled in
+by ``full_like``; never a Python number read at each call: no recompilation as it changes, no host
+sync), then copies the copied buffers. Every tensor it writes is a constant of the graph of its own,
+guarded by identity (:class:`Lowered`: an alias of a view of the shadow's flat buffer, the views not
+overlapping one another), so Inductor writes them in place: no copy, no allocation, and on the CPU
+no kernel of its own (the whole step is one C++ kernel, as the same step with ``_foreach_lerp_``).
 
 Anything else goes through the ``fastema::update_`` operator, which runs the eager update: the
 special cases (stochastic rounding, ``skip_nonfinite``, mixed dtypes, ``update_every``, momentum
