@@ -61,6 +61,38 @@ def tied():
     return Tied()
 
 
+def with_complex_buffer():
+    """``lin`` (Linear(3, 3)) and a complex128 buffer ``z`` (a dtype safetensors cannot store)."""
+    import torch
+    from torch import nn
+
+    class WithComplex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("z", torch.full((3,), 1 + 2j, dtype=torch.complex128))
+
+    return WithComplex()
+
+
+def fsdp_mlp(*widths: int, seed: int = 0):
+    """``mlp``-like Linear-ReLU stack (no norm), each Linear and the whole ``fully_shard``-ed (FSDP2):
+    call inside a process group."""
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    layers: list = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    for layer in model[::2]:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def moved(average, model, by=1.0):
     """Move every weight by ``by``, then ``average.update()``: with decay 0.5 the average of a
     freshly made EMA is then weight - by/2."""

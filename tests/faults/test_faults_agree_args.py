@@ -96,17 +96,11 @@ def test_without_a_group_the_same_refusals_are_raised_at_once():
 
 
 def _sharded_refuses(rank, world, root):
-    import torch
-    from torch import nn
-    from torch.distributed.fsdp import fully_shard
+    from models import fsdp_mlp
 
     from fastema.torch import EMA
 
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    for i in (0, 2):
-        fully_shard(m[i])
-    fully_shard(m)
+    m = fsdp_mlp(6, 8, 3)
     ema = EMA(m, 0.5)
     ema.update()
     ema.allow_nonfinite = True                 # no check of its own: rank 0's bad argument made no agreement,

@@ -175,6 +175,16 @@ def test_a_later_snapshot_removes_the_temporary_folders_a_dead_process_left_and_
     assert [s.time for s in posthoc.read_snapshots(snaps)] == [3.0, 4.0]
 
 
+def _snapshotted_once(snaps):
+    """A split PostHocEMA with one update, snapshotted at time 1 into ``snaps``."""
+    net = _net()
+    ph = PostHocEMA(net, snapshot_every=None, path=snaps, shard_replicas=True)
+    _step(net, 0)
+    ph.update()
+    ph.snapshot()
+    return ph
+
+
 @needs_gloo
 @pytest.mark.parametrize("fails", ["metadata", "rename in"])
 def test_a_dcp_snapshot_of_a_time_already_stored_that_cannot_be_written_leaves_the_old_one(tmp_path, one_rank,
@@ -195,11 +205,7 @@ def test_a_dcp_snapshot_of_a_time_already_stored_that_cannot_be_written_leaves_t
             super().rename(src, dst)
 
     snaps = tmp_path / "snaps"
-    net = _net()
-    ph = PostHocEMA(net, snapshot_every=None, path=snaps, shard_replicas=True)
-    _step(net, 0)
-    ph.update()
-    ph.snapshot()
+    ph = _snapshotted_once(snaps)
     before = posthoc.synthesize(snaps, sigma_rel=0.05)
     with files.using(Full()), pytest.raises(SnapshotError):
         ph.snapshot()                                         # the same time again
@@ -215,11 +221,7 @@ def test_a_dcp_snapshot_of_a_time_already_stored_that_cannot_be_written_leaves_t
 @needs_gloo
 def test_a_dcp_snapshot_killed_between_its_renames_is_mended_by_the_next_save_of_that_time(tmp_path, one_rank):
     snaps = tmp_path / "snaps"
-    net = _net()
-    ph = PostHocEMA(net, snapshot_every=None, path=snaps, shard_replicas=True)
-    _step(net, 0)
-    ph.update()
-    ph.snapshot()
+    ph = _snapshotted_once(snaps)
     old = snaps / ".snapshot-000000000001.old"
     os.rename(snaps / "snapshot-000000000001", old)           # killed with the old one aside: the fix said
     with pytest.raises(ValueError, match=r"the old one is '.*\.snapshot-000000000001\.old'; rename it back") as err:
@@ -241,15 +243,10 @@ def test_posthoc_out_safetensors_of_dcp_snapshots_keeping_a_complex_tensor_is_re
                                                                                               capsys):
     # a DCP snapshot keeps such a tensor as it is (no "raw" entry): the whole synthesis ran, then a
     # bare KeyError: torch.complex128 from safetensors
+    from models import with_complex_buffer
     from posthoc_cli import one_line, run_cli
 
-    class WithComplex(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-            self.register_buffer("z", torch.full((3,), 1 + 2j, dtype=torch.complex128))
-
-    net = WithComplex()
+    net = with_complex_buffer()
     ph = PostHocEMA(net, snapshot_every=5, path=tmp_path / "run", copy=["z"], shard_replicas=True)
     for _ in range(10):
         _step(net, 0)

@@ -644,15 +644,11 @@ def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp
 # --------------------------------------------------------------------------- 2 ranks (DCP snapshots)
 
 def _sharded_faults(rank, world, snaps):
-    from torch.distributed.fsdp import fully_shard
+    from models import fsdp_mlp
 
     from fastema._io import files
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
-    for i in (0, 2):
-        fully_shard(model[i])
-    fully_shard(model)
+    model = fsdp_mlp(8, 6, 2)
     out = {}
     if rank == 0:                                     # another run's snapshot, seen by rank 0 only
         os.makedirs(snaps, exist_ok=True)

@@ -56,7 +56,7 @@ def test_bad_exponents_are_refused(bad):
 # --------------------------------------------------------------------------- timed schedules
 
 torch = pytest.importorskip("torch")
-from models import mlp, train_sampled  # noqa: E402
+from models import mlp, train_sampled, with_complex_buffer  # noqa: E402
 from posthoc_cli import one_line, run_cli  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -620,13 +620,7 @@ def test_command_line_out_and_plot_of_one_file_or_a_plot_past_max_error_write_no
 def test_command_line_out_safetensors_of_a_dtype_it_cannot_store_is_refused_before_the_synthesis(tmp_path, capsys):
     # a complex128 buffer kept as it is: a traceback (safetensors' KeyError) after the whole synthesis; a
     # torch file holds it. ".SAFETENSORS" was written as a torch file
-    class WithComplex(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-            self.register_buffer("z", torch.full((3,), 1 + 2j, dtype=torch.complex128))
-
-    net = WithComplex()
+    net = with_complex_buffer()
     ph = PostHocEMA(net, snapshot_every=5, path=tmp_path / "run", copy=["z"])
     for _ in range(10):
         with torch.no_grad():
