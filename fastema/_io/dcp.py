@@ -19,7 +19,7 @@ import warnings
 from typing import Any, Callable
 
 from .dcp_unpickler import MAX_METADATA, PATHS, DcpMetadataUnpickler, named
-from .files import atomic_write, system
+from .files import atomic_write, renamed_in
 from .safe_files import first_line, fits, not_regular, open_regular, out_of_memory, regular, root_error
 
 __all__ = ["STALE_TMP_AGE", "check_dcp_metadata", "dcp_reader", "load_dcp_metadata", "remove_stale_tmps",
@@ -100,27 +100,12 @@ def _publish(tmp: str, base: str, aside: str, data: bytes) -> str | None:
     its metadata untouched; a new one without metadata is never read and is removed)."""
     import shutil
 
-    fs = system()
-    replacing = os.path.lexists(base)
     try:
-        if replacing:
-            fs.rename(base, aside)
-        try:
-            fs.rename(tmp, base)
+        with renamed_in(tmp, base, aside):
             atomic_write(base + ".json", lambda f: f.write(data))
-        except BaseException:
-            if replacing:
-                if os.path.lexists(base):
-                    shutil.rmtree(base)
-                fs.rename(aside, base)
-            raise
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)        # (the rename failed)
-        if not replacing:
-            shutil.rmtree(base, ignore_errors=True)   # no .json: never read; not left behind either
         return str(err)
-    if replacing:
-        shutil.rmtree(aside, ignore_errors=True)      # (left: the next save of this time removes it)
     return None
 
 

@@ -33,8 +33,8 @@ from typing import Callable, Iterator
 
 from .._interrupts import ctrl_c_held
 
-__all__ = ["FileSystem", "Staging", "alive", "atomic_write", "gone", "rename_new", "save_figure", "signals_held",
-           "sweep_stale", "sync_folder", "using", "write_new"]
+__all__ = ["FileSystem", "Staging", "alive", "atomic_write", "gone", "rename_new", "renamed_in", "save_figure",
+           "signals_held", "sweep_stale", "sync_folder", "using", "write_new"]
 
 _TMP_PREFIX = ".fastema-"
 
@@ -53,22 +53,6 @@ def atomic_write(path: str, write: Callable) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def writable(option: str, path: str, example: str = "out.png") -> None:
-    """ValueError naming ``option`` (a command line's, or a method's: ``save()``) for an output file
-    that cannot be written (a directory, a name ending in a separator, a missing or read-only folder):
-    checked before the work, not after it. ``example``: the file name the message suggests in a
-    directory given instead of a file (an image by default; e.g. ``"ema.safetensors"`` for weights)."""
-    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
-        raise ValueError(f"{option} {path!r} is a directory: give a file name in it, e.g. "
-                         f"{os.path.join(path, example)!r}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{option} {path!r}: its folder {parent!r} does not exist; create it first "
-                         f"(mkdir -p {parent}) or write somewhere else")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path!r}: its folder {parent!r} is not writable; write somewhere else")
 
 
 def save_figure(fig, path: str, **savefig) -> None:
@@ -239,16 +223,9 @@ class Staging:
                 rename_new(src, self.out)
             elif not self.as_folder:
                 os.replace(src, self.out)
-            elif os.path.lexists(self.out):
-                old = self.folder[:-len(".tmp")] + ".old"
-                fs = system()
-                fs.rename(self.out, old)
-                try:
-                    fs.rename(self.folder, self.out)
-                except BaseException:               # the old output back at out (a .old name is swept)
-                    fs.rename(old, self.out)
-                    raise
-                _remove(old)
+            elif os.path.lexists(self.out):         # (a .old name left by a kill is swept)
+                with renamed_in(self.folder, self.out, self.folder[:-len(".tmp")] + ".old"):
+                    pass
             else:
                 os.rename(self.folder, self.out)
             if not self.as_folder:
@@ -261,6 +238,30 @@ class Staging:
         system().rmtree(self.folder)
         if os.path.lexists(self.folder):
             _remove_by_path(self.folder)
+
+
+@contextlib.contextmanager
+def renamed_in(new: str, out: str, aside: str) -> Iterator[None]:
+    """``new`` renamed to ``out`` for the block (what completes it: a folder's metadata beside it),
+    what was at ``out`` renamed ``aside`` first and removed after the block; where the rename or the
+    block raises, the new one is removed and the old one put back. Through :class:`FileSystem`."""
+    fs = system()
+    replacing = os.path.lexists(out)
+    if replacing:
+        fs.rename(out, aside)
+    try:
+        fs.rename(new, out)
+        try:
+            yield
+        except BaseException:
+            _remove(out)
+            raise
+    except BaseException:
+        if replacing:
+            fs.rename(aside, out)
+        raise
+    if replacing:
+        _remove(aside)
 
 
 def sync_folder(folder: str) -> None:

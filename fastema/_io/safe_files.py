@@ -5,7 +5,8 @@ itself), a read is bounded by the memory free here before it allocates (:func:`f
 read with ``pread`` from a descriptor the reader holds (:func:`pread_into`: never a memory map, so a
 file that shrinks while it is read is a short read, never SIGBUS). A refusal
 is a :class:`FileRefused` (a ValueError; :mod:`fastema.merge` raises it as its MergeError, the message
-kept). With the helpers their messages share (:func:`few`, :func:`first_line`, :func:`os_problem`).
+kept). With the helpers their messages share (:func:`few`, :func:`first_line`, :func:`os_problem`),
+and the writers' check of an output path before their work (:func:`writable`).
 Importing this module imports the standard library only."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 
 __all__ = ["FileRefused", "few", "first_line", "fits", "memory_available", "not_regular", "open_problem",
            "open_regular", "os_problem", "out_of_memory", "pread_into", "regular", "regular_fd",
-           "resident", "root_error"]
+           "resident", "root_error", "writable"]
 
 
 class FileRefused(ValueError):
@@ -239,3 +240,18 @@ def first_line(err: BaseException) -> str:
     err = root_error(err)
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def writable(option: str, path: str, example: str = "out.png") -> None:
+    """ValueError naming ``option`` (``--out``, ``save()``) for an output file that cannot be written (a
+    directory, a name ending in a separator, a missing or read-only folder), before the work; ``example``:
+    the file name suggested in a directory given instead (``"ema.safetensors"``; an image by default)."""
+    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise ValueError(f"{option} {path!r} is a directory: give a file name in it, e.g. "
+                         f"{os.path.join(path, example)!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path!r}: its folder {parent!r} does not exist; create it first "
+                         f"(mkdir -p {parent}) or write somewhere else")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path!r}: its folder {parent!r} is not writable; write somewhere else")

@@ -17,7 +17,7 @@ import math
 import os
 from typing import Callable
 
-from .._io.files import writable
+from .._io.safe_files import writable
 
 __all__ = ["COMMANDS", "Parser", "number", "integer", "parse", "image_path", "writable"]
 

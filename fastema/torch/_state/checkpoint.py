@@ -25,7 +25,7 @@ from ..._checkpoint_format import check_header, load_refused, refuse_load
 from ..._checks import load_dtype_problem
 from ..._interrupts import ctrl_c_held
 from ..._io.files import atomic_write as _atomic_write
-from ..._io.files import writable
+from ..._io.safe_files import writable
 from ..._io.safetensors import stream_safetensors, stream_torch_save
 from ..._nonfinite import held, load_advice
 from .._sharding import params as _sharded
