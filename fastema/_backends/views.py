@@ -74,12 +74,17 @@ def foreign(x, what: str, writable: bool = False) -> str:
     return f"a {framework} array ({name}), which is not read here: pass np.asarray({what}), a host copy"
 
 
+_NUMBERS = (int, float, np.integer, np.floating)
+_BOOLS = (bool, np.bool_)
+
+
 def metric_values(x, what: str):
     """``(kind, flat kernel view of the bits, (framework, device), shape)`` of metric values:
     a Python or NumPy number (float64), a NumPy array or a torch tensor (float64 allowed)."""
-    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)):
-        x = np.asarray([x], np.float64)
     backend = backend_of(x)
+    if backend is None and isinstance(x, _NUMBERS) and not isinstance(x, _BOOLS):   # none has an adapter
+        x = np.asarray([x], np.float64)
+        backend = backend_of(x)
     try:
         if backend is None:
             raise Unsupported

@@ -7,9 +7,8 @@ current tensors over (or none: the shadow follows them itself), one kernel launc
 (device, dtype) group folds them in, BEMA's correction runs as one more launch, and the
 plan records the call. It names no framework: the faces (:mod:`fastema.jax`,
 :mod:`fastema.tensorflow`) are adapters that find the model's tensors and put values back.
-
-Its checkpoint (:meth:`Average.state_dict`) is plain Python and NumPy, validated in full
-before anything is loaded.
+Its checkpoint (:meth:`Average.state_dict`) is plain Python and NumPy, validated in full before
+anything is loaded.
 """
 from __future__ import annotations
 
@@ -305,7 +304,8 @@ class Average:
             self.shadow.update_checked(None, self.rounding, self.seed, 0, flags, plan=plan,
                                        given=-1 if step is None else step)
         self.adapter.carry(flags)
-        plan.stepped = plan.stepped or (step is not None and self.plan.timed)
+        if step is not None and self.plan.timed:
+            plan.stepped = True
 
     def refuse_on_the_host(self, what: str, why: str) -> None:
         """ValueError naming ``what`` where the shadow folds on a host thread (it declares
