@@ -132,3 +132,24 @@ def with_family_ratios(exp: dict, family: str, ratios: dict, stamp: dict) -> dic
 
 def load_expectations(path: Path = EXPECT) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def clones_median(runs: list[dict], spread: float = 0.015) -> tuple[dict, list[str]]:
+    """The expectations of ``runs`` (each a ``bench/gates.json`` that ``update`` wrote in a clean clone of one
+    commit, ``scripts/gates_update.sh``): the first run's, each instruction count the median of the runs'
+    (the lower middle of an even number), and a line for each scenario whose counts spread past ``spread``
+    (relative, smallest to largest). Every run must count the same scenarios."""
+    if not runs:
+        raise ValueError("no runs to take the median of")
+    names = set(runs[0].get("instructions", {}))
+    for i, run in enumerate(runs[1:], 2):
+        if set(run.get("instructions", {})) != names:
+            raise ValueError(f"run {i} counts other scenarios than run 1: "
+                             f"{sorted(names ^ set(run.get('instructions', {})))}")
+    out, notes = json.loads(json.dumps(runs[0])), []
+    for name in sorted(names):
+        values = sorted(run["instructions"][name] for run in runs)
+        out["instructions"][name] = values[(len(values) - 1) // 2]
+        if values[-1] > (1 + spread) * values[0]:
+            notes.append(f"{name}: {values[0]:,} to {values[-1]:,} over the {len(runs)} clones")
+    return out, notes

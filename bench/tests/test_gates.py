@@ -35,7 +35,7 @@ def test_instructions_past_the_tolerance_fail_with_a_message_naming_everything(g
     [f] = gates.compare.compare_instructions({name: 4_000_000}, {name: 4_200_000}, 0.03)
     msg = f.message()
     for part in (name, "instructions per update", "4,000,000", "4,200,000", "+5.0%", "tolerance 3%",
-                 "python -m bench.gates update --only instructions", "bench/gates.json"):
+                 "bash scripts/gates_update.sh instructions", "bench/gates.json"):
         assert part in msg, (part, msg)
 
 
@@ -446,3 +446,19 @@ def test_the_counters_see_allocations_syncs_leaks_and_collectives(gates):
         with pytest.raises(Exception):                  # no process group here: counted, then refused
             dist.all_reduce(torch.zeros(1))
     assert counters.c["collectives"] == 1
+
+
+def test_the_clones_median_keeps_each_scenarios_middle_count_and_names_a_wide_spread(gates):
+    a, b = "cpu EMA.update, 6 tensors", "cpu torch.lerp_, 1 tensors"
+    runs = [{"instructions": {a: 100, b: 13_701}, "counts": {"x": 1}},
+            {"instructions": {a: 104, b: 13_443}, "counts": {"x": 2}},
+            {"instructions": {a: 101, b: 13_435}, "counts": {"x": 3}}]
+    out, notes = gates.record.clones_median(runs)
+    assert out["instructions"] == {a: 101, b: 13_443}
+    assert out["counts"] == {"x": 1} and runs[0]["instructions"][a] == 100       # the first run's, not changed
+    assert notes == [f"{a}: 100 to 104 over the 3 clones", f"{b}: 13,435 to 13,701 over the 3 clones"]
+    assert gates.record.clones_median(runs[:2])[0]["instructions"] == {a: 100, b: 13_443}   # the lower middle
+    with pytest.raises(ValueError, match="run 2 counts other scenarios than run 1"):
+        gates.record.clones_median([runs[0], {"instructions": {a: 1}}])
+    with pytest.raises(ValueError, match="no runs"):
+        gates.record.clones_median([])
