@@ -29,6 +29,16 @@ from .kernels.kinds import KIND_NAMES
 _DEVICE = operator.attrgetter("device")
 
 
+class SourceChanged(ValueError):
+    """A source whose dtype, shape, strides or device differ from the shadow's making; ``change`` says
+    which and how, without the advice (the caller's may differ: a swap's way back)."""
+
+    def __init__(self, change: str):
+        self.change = change
+        super().__init__(f"{change} (model.to(), a dtype cast, a reshape or another memory format?); make a new "
+                         f"shadow after changing the model, or change it back. Nothing was updated.")
+
+
 class SourceFollower(Protocol):
     """What follows a shadow's sources (a :class:`SourceTable`, or the shadow or chunked sources a
     shadow is built on): the :class:`~fastema._shadow.Shadow` protocol's four members."""
@@ -246,11 +256,9 @@ class SourceTable:
             b = describe(self._sources[i], f"source {self.names[i]!r}")
             if (b.device, b.kind, b.shape, b.strides) != (g.device, g.src_kind, g.shapes[slot], g.orders[slot]):
                 now = "" if b.strides == g.orders[slot] else f" with strides {b.strides or 'C order'}"
-                raise ValueError(
+                raise SourceChanged(
                     f"source {self.names[i]!r} was {KIND_NAMES[g.src_kind]} {g.shapes[slot]} on {g.device} "
-                    f"when the shadow was made and is now {b.dtype_name} {b.shape} on {b.device}{now} "
-                    f"(model.to(), a dtype cast, a reshape or another memory format?); make a new shadow after "
-                    f"changing the model, or change it back. Nothing was updated.")
+                    f"when the shadow was made and is now {b.dtype_name} {b.shape} on {b.device}{now}")
             bufs.append(b)
         disjoint(bufs, [f"source {self.names[i]!r}" for i in g.members])
         return bufs

@@ -15,6 +15,7 @@ import contextlib
 from typing import Any, Callable
 
 from .._interrupts import ctrl_c_held
+from .._sources import SourceChanged
 from ..average import ModelSwap
 from ._state.agree import Agreement, Read
 from ._state.nonfinite import NonFinite
@@ -65,7 +66,16 @@ class ShadowSwap:
         back."""
         collective = bool(self.agreement.groups(swap=True))    # a split average's swap gathers
         if swapping_in or not collective:
-            self._exchange_checked(row, swapping_in, [], collective)
+            try:
+                self._exchange_checked(row, swapping_in, [], collective)
+            except SourceChanged as err:               # the model changed while the average was in it
+                if swapping_in:
+                    raise
+                kind = self.agreement.kind
+                raise ValueError(f"{kind}: the raw weights cannot go back: the model changed while average {row} "
+                                 f"was in it ({err.change}). The model holds average {row} and its raw weights "
+                                 f"are in the {kind}: undo the change (its dtype, shape or layout back as it "
+                                 f"was) and call swap() to put them back; a new {kind} would lose them") from err
             return
         gathering: list = []                           # a split average's way back is a collective
         try:

@@ -885,3 +885,34 @@ def test_pt_save_writes_the_records_torch_save_writes(tmp_path):
             assert list(got) == list(want)
             for k, v in want.items():
                 assert got[k].dtype == v.dtype and got[k].is_contiguous() and torch.equal(got[k], v), (row, k)
+
+
+@pytest.mark.parametrize("dtype, there, back", [(torch.float32, torch.float64, torch.float32),
+                                                (torch.float16, torch.float32, torch.float16)])
+@pytest.mark.parametrize("cls", [EMA, WindowAverage])
+def test_a_cast_inside_the_block_is_refused_on_the_way_back_saying_how_to_get_the_raw_weights(cls, dtype, there, back):
+    """A cast inside ``average_parameters()`` made the way back fail with the update's advice ("make a new
+    shadow ... Nothing was updated"): followed, it lost the raw weights, which only the average object then
+    held. The refusal says the model holds the average and how to put the raw weights back; doing so gives
+    them back bit for bit (an exact swap, and float16's backup)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4)).to(dtype)
+    avg = cls(model, 0.9) if cls is EMA else cls(model, window=3)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    avg.update()
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    inside = {k: v.clone() for k, v in avg.averaged_state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: the raw weights cannot go back: the model changed while "
+                                         rf"average 0 was in it \(source '0.weight' was .* and is now .*\)\. The model "
+                                         rf"holds average 0 and its raw weights are in the {cls.__name__}: undo the "
+                                         rf"change .* and call swap\(\) to put them back") as info:
+        with avg.average_parameters():
+            model.to(there)
+    assert "make a new shadow" not in str(info.value) and "Nothing was updated" not in str(info.value)
+    assert avg.swapped
+    model.to(back)
+    assert all(torch.equal(v.to(back), inside[k].to(back)) for k, v in model.state_dict().items())
+    avg.swap()
+    assert not avg.swapped
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
