@@ -294,3 +294,24 @@ def test_a_held_ctrl_c_goes_to_the_handler_that_was_installed():
     with ctrl_c_held():
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_ctrl_c_during_copy_to_another_model_is_held_until_every_tensor_is_in():
+    """``copy_to(other)`` loads the average module by module (torch's ``load_state_dict``): a Ctrl-C after
+    the first module's load left the others with their old weights. Held until all of it is in."""
+    model, ema = _trained("two_groups")
+    want = ema.averaged_state_dict()
+    other = Mixed()
+    other.load_state_dict({k: torch.zeros_like(v) for k, v in other.state_dict().items()})
+    first = other.a
+
+    def ctrl_c(module, state, prefix, *args):
+        signal.raise_signal(signal.SIGINT)              # the default handler raises right here, unless held
+
+    handle = first._register_load_state_dict_pre_hook(ctrl_c, with_module=True)
+    with pytest.raises(KeyboardInterrupt):
+        ema.copy_to(other)
+    handle.remove()
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, want[k]), k

@@ -1,10 +1,9 @@
 """``TorchAverage``: what every torch model average (:class:`~fastema.torch.EMA`,
 :class:`~fastema.torch.WindowAverage`, :class:`~fastema.torch.PostHocEMA`) shares on top of the
 torch-face contract (:class:`~fastema.torch._face.contract.TorchFace`, built from the parts
-:func:`~fastema.torch._face.contract.model_parts` makes): the model's read side (its selection, ``source``,
-``sharded``, ``split``), swap and ``average_parameters()`` (through the swap part,
-:class:`~fastema.torch._swap.ShadowSwap`), ``copy_to``, ``join``, ``memory``, and the public
-checkpoint methods, each one line into the checkpoint side
+:func:`~fastema.torch._face.contract.model_parts` makes): the model's read side (its selection, ``source``, ``sharded``,
+``split``), swap and ``average_parameters()`` (through :class:`~fastema.torch._swap.ShadowSwap`), ``copy_to``,
+``join``, ``memory``, and the public checkpoint methods, each one line into the checkpoint side
 (:class:`~fastema.torch._state.checkpoint.TorchCheckpoint`), with what a callback reads of them:
 :attr:`~TorchAverage.split`, :meth:`~TorchAverage.gathered_state_dict` and
 :meth:`~TorchAverage.refuse_on_every_rank`.
@@ -17,6 +16,7 @@ from typing import ContextManager, Literal
 import torch
 from torch import nn
 
+from ..._interrupts import ctrl_c_held
 from ..._shadow import Shadow
 from ...average import ModelSwap
 from .._sharding import masters as _deepspeed
@@ -185,11 +185,11 @@ class TorchAverage(TorchFace):
                 allow_nonfinite: bool | None = None) -> None:
         """Write average ``row`` into ``model`` (default: the tracked model), e.g. at the end of training.
 
-        Another model must have the same names, shapes and dtypes (DDP / torch.compile wrappers
-        are looked through); anything else raises before a tensor is written, and so does an
-        average holding inf or NaN (:attr:`allow_nonfinite`). The tensors written get their
-        autograd version bumped, as by torch's ``copy_``: a backward through a graph that saved the
-        old weights raises."""
+        Another model must have the same names, shapes and dtypes (DDP / torch.compile wrappers are looked
+        through); anything else raises before a tensor is written, and so does an average holding inf or NaN
+        (:attr:`allow_nonfinite`); a Ctrl-C is held until all of it is in (its load hooks run as torch's load
+        runs them: one that raises leaves the modules before it written). The tensors written get their autograd
+        version bumped, as by torch's ``copy_``: a backward through a graph that saved the old weights raises."""
         if (model is None or model is self.model) and torch.compiler.is_compiling():
             written, read = self.compiled.ops["copy_to"]
             torch.ops.fastema.copy_to_(written, read, self.compiled.handle, row)
@@ -216,7 +216,8 @@ class TorchAverage(TorchFace):
             raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
                              f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied. Copy "
                              f"into a model like it (to cast: model.load_state_dict(average.averaged_state_dict()))")
-        target.load_state_dict(state, strict=True)
+        with ctrl_c_held():
+            target.load_state_dict(state, strict=True)
 
     def join(self) -> None:
         """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an
