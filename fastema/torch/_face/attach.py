@@ -4,29 +4,26 @@ An :class:`Attachment` joins one torch model average (an :class:`~fastema.torch.
 :class:`~fastema.torch.PostHocEMA`, a :class:`~fastema.torch.WindowAverage`) to one optimizer by
 torch's own hooks (``../shared/design/optimizer.md`` §4.2):
 
-- a step pre-hook refuses a step while the average is swapped into the model
-  (``average_parameters()``), and a step after the model's registrations changed that left a
-  tracked trainable parameter out of the optimizer (``attach()``'s rule again), before the
-  optimizer writes anything;
-- a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
-  the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
-  optimizer with no state (:func:`dummy_step`, the one rule of every form of ``step``: every
-  group's lr 0 and DCP's ``_init_optim_state`` the caller, however many frames between,
-  :mod:`fastema.torch._state.dcp_calls`: read only then, §4.3; in a compiled step decided when
-  it runs, by the operator the traced hook leaves); a fused optimizer's step under
-  ``GradScaler`` (which runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on
-  the device (the flag copied into the kernels' skip flags: no host sync);
-- a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
-  dict's top-level key :data:`KEY` (plain tensors, numbers, strings, lists and dicts: what
-  ``torch.load(weights_only=True)`` reads), outside ``state[param]``, so torch's load cast to
-  the parameters' dtype (§4.1) and Lightning's move of the per-parameter state to the GPU never
-  touch it: a float32 average of bfloat16 weights comes back bit for bit;
-- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and checks it
-  (every check, agreed over a sharded or split average's ranks); the load post-hook writes it,
-  once torch has loaded the rest (a load refused by fastema or by torch changes nothing); a state
-  dict without it (an older checkpoint, or one made before ``attach``), or with one saved while
-  a start-over waited (:data:`PENDING`), warns once and starts the average over from the
-  weights as they are at the next step (loaded by then, in whatever order the trainer loads).
+- a step pre-hook refuses a step while the average is swapped into the model (``average_parameters()``), and a step
+  after the model's registrations changed that left a tracked trainable parameter out of the optimizer (``attach()``'s
+  rule again), before the optimizer writes anything;
+- a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after the lr-0 step that
+  DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an optimizer with no state
+  (:func:`dummy_step`, the one rule of every form of ``step``: every group's lr 0 and DCP's ``_init_optim_state`` the
+  caller, however many frames between, :mod:`fastema.torch._state.dcp_calls`: read only then, §4.3; in a compiled step
+  decided when it runs, by the operator the traced hook leaves); a fused optimizer's step under ``GradScaler`` (which
+  runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on the device (the flag copied into the
+  kernels' skip flags: no host sync);
+- a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state dict's top-level key
+  :data:`KEY` (plain tensors, numbers, strings, lists and dicts: what ``torch.load(weights_only=True)`` reads),
+  outside ``state[param]``, so torch's load cast to the parameters' dtype (§4.1) and Lightning's move of the
+  per-parameter state to the GPU never touch it: a float32 average of bfloat16 weights comes back bit for bit (refused
+  while the average is swapped into the model);
+- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and checks it (every check, agreed
+  over a sharded or split average's ranks); the load post-hook writes it, once torch has loaded the rest (a load
+  refused by fastema or by torch changes nothing); a state dict without it (an older checkpoint, or one made before
+  ``attach``), or with one saved while a start-over waited (:data:`PENDING`), warns once and starts the average over
+  from the weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
 ``get_optimizer_state_dict`` asks (told by :func:`~fastema.torch._state.dcp_calls.context`,
@@ -257,10 +254,13 @@ class Attachment:
             self.marked = _params.mark(KEY, self.face, optimizer, self.bare)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
-        """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or,
-        for a sharded average and for DCP's ``get_optimizer_state_dict`` (which keeps only
-        ``state`` and ``param_groups``), in the per-parameter entries
-        (:mod:`fastema.torch._state.attached`)."""
+        """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or, for a sharded
+        average and for DCP's ``get_optimizer_state_dict`` (which keeps only ``state`` and ``param_groups``), in
+        the per-parameter entries (:mod:`fastema.torch._state.attached`). Refused while the average is in the model."""
+        if self.face.swapped:
+            raise RuntimeError(f"{type(optimizer).__name__}.state_dict() inside average_parameters() (or after "
+                               f"swap()): it holds the attached {self.kind}'s state, whose average is in the model "
+                               f"then; save outside the block, or swap() back first")
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")

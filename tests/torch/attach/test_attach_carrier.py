@@ -292,3 +292,18 @@ def test_a_replaced_submodule_not_in_the_optimizer_is_refused_before_the_step():
     opt.add_param_group({"params": list(model[2].parameters())})   # the way on: step it too
     opt.step()
     assert ema.updates == 2
+
+
+def test_optimizer_state_dict_inside_average_parameters_is_refused_naming_the_optimizer():
+    """The state-dict post-hook read the average while it was in the model and was refused in the EMA's own
+    words ("state_dict() while the EMA weights are swapped ..."), naming neither the optimizer nor the
+    attachment. Refused naming ``Adam.state_dict()``; outside the block the dict is as before."""
+    model, opt, ema = make()
+    step(model, opt, batches(1)[0])
+    outside = opt.state_dict()
+    with ema.average_parameters():
+        with pytest.raises(RuntimeError, match=r"Adam.state_dict\(\) inside average_parameters\(\) \(or after "
+                                               r"swap\(\)\): it holds the attached EMA's state"):
+            opt.state_dict()
+    again = opt.state_dict()
+    assert again.keys() == outside.keys() and same(again["fastema"]["averaged"], outside["fastema"]["averaged"])
