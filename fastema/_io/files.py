@@ -83,16 +83,20 @@ def _written(path: str, write: Callable, unchanged: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{base}.{os.getpid()}@{socket.gethostname()}.",
                                suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, _mode_for(path))
-        with os.fdopen(fd, "wb") as f:
-            try:
-                write(f)
-                f.flush()
-                system().sync_file(f.fileno(), path)
-            except (OSError, RuntimeError) as err:      # torch.save reports a failed write as RuntimeError
-                free = shutil.disk_usage(directory).free
-                raise OSError(getattr(err, "errno", None) or errno.EIO,
-                              f"could not write {path!r} ({free} bytes free on its disk): {err}; {unchanged}") from err
+        f = os.fdopen(fd, "wb")
+        try:        # closed in here: a close that flushes the rest of a failed write again must not hide its error
+            os.fchmod(fd, _mode_for(path))
+            write(f)
+            f.flush()
+            system().sync_file(f.fileno(), path)
+            f.close()
+        except (OSError, RuntimeError) as err:          # torch.save reports a failed write as RuntimeError
+            free = shutil.disk_usage(directory).free
+            raise OSError(getattr(err, "errno", None) or errno.EIO,
+                          f"could not write {path!r} ({free} bytes free on its disk): {err}; {unchanged}") from err
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

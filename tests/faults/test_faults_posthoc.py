@@ -567,6 +567,9 @@ class _FullDisk:
             def __exit__(self, *a):
                 self.f.close()
 
+            def close(self):
+                self.f.close()
+
             def tell(self):
                 return 0
 

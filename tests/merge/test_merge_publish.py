@@ -117,6 +117,26 @@ def test_a_failed_write_names_the_path_and_leaves_nothing(tmp_path):
         assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("size", [2000, 100_000])
+def test_a_write_past_a_file_size_limit_raises_the_named_error_whatever_its_size(tmp_path, size):
+    """A write smaller than the file's buffer failed at the flush, and closing the file flushed the rest
+    again: that bare 'File too large' replaced the error naming the path. The named error is raised now
+    (the write's own chained), for a write the buffer holds and for one it does not."""
+    resource = pytest.importorskip("resource")
+    target = tmp_path / "state.safetensors"
+    target.write_bytes(b"old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        with pytest.raises(OSError, match=r"could not write '.*/state\.safetensors' \(\d+ bytes free on its disk\): "
+                                          r".*the previous file is unchanged$") as err:
+            files.atomic_write(str(target), lambda f: f.write(b"x" * size))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert err.value.errno == errno.EFBIG and isinstance(err.value.__cause__, OSError)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.safetensors"]
+
+
 @pytest.mark.parametrize("way", ["renameat2", "link", "claim"])
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_rename_new_never_replaces(tmp_path, way, kind):

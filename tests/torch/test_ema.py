@@ -768,6 +768,9 @@ def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, monkeypa
         def __exit__(self, *a):
             self.f.close()
 
+        def close(self):
+            self.f.close()
+
         def write(self, data):
             raise OSError(28, "No space left on device")
 
