@@ -239,6 +239,29 @@ def test_save_writes_a_model_checkpoint_atomically(tmp_path):
     assert torch.equal(standalone[0].weight, fresh[0].weight) and standalone is not model
 
 
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_save_through_a_link_writes_its_target_and_keeps_the_link(tmp_path, ext):
+    """save() over a symbolic link replaced the link with a regular file and left the old content in its
+    target, where torch.save writes through it. The target is written now (its temporary beside it), the
+    link stays; a dangling link's target is made, as open() makes it."""
+    model = mlp()
+    ema = EMA(model, 0.9)
+    train(model, 3, ema)
+    ema.save(tmp_path / ("plain" + ext))
+    (tmp_path / "real").mkdir()
+    real, link = tmp_path / "real" / ("ema" + ext), tmp_path / ("ema" + ext)
+    real.write_bytes(b"old")
+    link.symlink_to(os.path.join("real", "ema" + ext))
+    ema.save(link)
+    assert link.is_symlink() and os.readlink(link) == os.path.join("real", "ema" + ext)
+    assert real.read_bytes() == (tmp_path / ("plain" + ext)).read_bytes()
+    dangling = tmp_path / ("new" + ext)
+    dangling.symlink_to(tmp_path / "real" / ("new" + ext))
+    ema.save(dangling)
+    assert dangling.is_symlink() and (tmp_path / "real" / ("new" + ext)).read_bytes() == real.read_bytes()
+    assert sorted(os.listdir(tmp_path / "real")) == sorted(["ema" + ext, "new" + ext])
+
+
 def test_save_failure_leaves_no_file(tmp_path, monkeypatch):
     model = mlp()
     ema = EMA(model, 0.9)
