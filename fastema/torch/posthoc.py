@@ -89,7 +89,9 @@ class PostHocEMA(EMA):
     A snapshot that cannot be written (a full disk, a file size limit, the folder gone, values
     beyond ``snapshot_dtype``'s range) raises :class:`fastema.posthoc.SnapshotError` (an
     ``OSError``) from ``update()`` *after* the update was applied and counted: do not repeat the
-    update. The snapshot stays due, and the next ``update()`` writes one (or call :meth:`snapshot`).
+    update. The snapshot stays due, and the next ``update()`` writes one (or call :meth:`snapshot`);
+    ``state_dict()`` keeps it due (``"due_snapshot"``), so a run resumed by ``load_state_dict()``
+    writes it at its next update (``dcp.load`` fills a template of the keys every file has: not it).
 
     Args:
         model: as :class:`EMA`.

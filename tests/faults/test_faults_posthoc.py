@@ -624,6 +624,67 @@ def test_a_snapshot_that_cannot_be_written_keeps_the_update_and_is_retried(tmp_p
     assert _names(tmp_path) == ["snapshot-000000000009.safetensors"]
 
 
+def test_a_snapshot_still_due_is_kept_by_the_checkpoint_and_written_after_a_resume(tmp_path, monkeypatch):
+    """A snapshot that failed stays due, but state_dict() did not keep it and load_state_dict() cleared
+    it: a run resumed from a checkpoint taken after the failure never wrote it (the run that went on
+    wrote it at the next update). The checkpoint keeps it ("due_snapshot"), the resumed run writes it at
+    its next update as the uninterrupted one does; a checkpoint without it has none due; a malformed one
+    is refused before anything changes."""
+    def weights(i):
+        return torch.randn(8, 8, generator=torch.Generator().manual_seed(i))
+
+    runs = {}
+    for resumed in (False, True):
+        net = nn.Linear(8, 8, bias=False)
+        folder = tmp_path / str(resumed)
+        ph = PostHocEMA(net, snapshot_every=3, path=folder)
+        for i in range(1, 8):
+            with torch.no_grad():
+                net.weight.copy_(weights(i))
+            if i != 3:
+                ph.update()
+                continue
+            with monkeypatch.context() as m:
+                _FullDisk(m)
+                with pytest.raises(SnapshotError, match="update 3 was applied and counted"):
+                    ph.update()
+            state = ph.state_dict()
+            assert state["due_snapshot"] == [3.0, 3]
+            if resumed:
+                ph = PostHocEMA(net, snapshot_every=3, path=folder)
+                ph.load_state_dict(state)
+        runs[resumed] = folder
+    assert _names(runs[False]) == _names(runs[True]) == ["snapshot-000000000004.safetensors",
+                                                         "snapshot-000000000006.safetensors"]
+    from safetensors.torch import load_file
+
+    for name in _names(runs[False]):
+        a, b = load_file(str(runs[False] / name)), load_file(str(runs[True] / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    net = nn.Linear(8, 8, bias=False)
+    older = {k: v for k, v in state.items() if k != "due_snapshot"}     # written before the key: none due
+    ph = PostHocEMA(net, snapshot_every=3, path=tmp_path / "older")
+    ph.load_state_dict(older)
+    ph.update()
+    assert _names(tmp_path / "older") == [] and "due_snapshot" not in ph.state_dict()
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"ph": ph}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)   # none due
+    due = PostHocEMA(nn.Linear(8, 8, bias=False), snapshot_every=3, path=tmp_path / "due")
+    due.load_state_dict(state)
+    dcp.load({"ph": due}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)  # dcp.load's template: no key
+    assert due.updates == ph.updates and "due_snapshot" not in due.state_dict()
+    for bad in ([3.0], "3", [0.0, 3], [float("nan"), 3], [9.0, 3], [3.0, 0], [3.0, 9], [3.0, True], [3.0, 2.5]):
+        fresh = PostHocEMA(nn.Linear(8, 8, bias=False), snapshot_every=3, path=tmp_path / "bad")
+        before = {k: v.clone() for k, v in fresh.averaged_state_dict(0).items()}
+        with pytest.raises(ValueError, match=r"due_snapshot must be \[time, updates\] .*got "
+                                             r".*pass what state_dict\(\) returned.*Nothing was loaded"):
+            fresh.load_state_dict({**state, "due_snapshot": bad})
+        assert (fresh.updates, fresh.calls) == (0, 0) and fresh.state_dict().get("due_snapshot") is None
+        assert all(torch.equal(v, before[k]) for k, v in fresh.averaged_state_dict(0).items())
+
+
 def test_a_file_size_limit_is_a_snapshot_error_and_the_next_update_writes_it(tmp_path):
     """RLIMIT_FSIZE (EFBIG; Python ignores SIGXFSZ): the same contract as a full disk."""
     resource = pytest.importorskip("resource")

@@ -3,11 +3,14 @@ core, passed to the EMA builder as ``run=``): the engine's plan and counters, th
 what a load must refuse of another run's checkpoint."""
 from __future__ import annotations
 
+import math
+import numbers
 import uuid
 
 from ...average import Average
 from ...posthoc import LEGACY_RUN_ID, valid_run_id
 from ...schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
+from .dcp_calls import loading
 
 __all__ = ["Run"]
 
@@ -27,7 +30,9 @@ class Run:
     """A PostHocEMA run as its checkpoint keeps it (the checkpoint side's core): the engine's plan
     and counters, and the run's id (its snapshots carry it; a resume takes the checkpoint's, a
     fastema 0.1 checkpoint, which has none, goes on as the legacy run); whether its folder was
-    checked since construction or the last load; the snapshot due and not written yet."""
+    checked since construction or the last load; the snapshot due and not written yet (a failed
+    write: the checkpoint keeps it as ``"due_snapshot"``, ``[time, updates]``, and a resume writes it
+    at its next update; a checkpoint without one has none due)."""
 
     def __init__(self, core: Average, given: tuple):
         self.core, self.given = core, given
@@ -50,13 +55,20 @@ class Run:
         self.core.check_row(row)
 
     def plan_state(self) -> dict:
-        return {**self.core.plan_state(), "run_id": self.id}
+        state = {**self.core.plan_state(), "run_id": self.id}
+        if self.due is not None and not loading():      # (dcp.load's template: no key a file may lack)
+            state["due_snapshot"] = [float(self.due[0]), int(self.due[1])]
+        return state
 
     def check_plan_state(self, state: dict, problems: list) -> None:
         self.core.check_plan_state(state, problems)      # the device plan's checks too (M4)
         run_id = state.get("run_id")
         if run_id is not None and not valid_run_id(run_id):
             problems.append(f"run_id must be the id of a PostHocEMA run, got {run_id!r}")
+        if "due_snapshot" in state and _due(state) is None:
+            problems.append(f"due_snapshot must be [time, updates] of a snapshot not written yet (a time > 0 up to "
+                            f"last_time, updates 1 to the checkpoint's updates), got {state['due_snapshot']!r}: "
+                            f"pass what state_dict() returned (a state without it has no snapshot due)")
         saved = state.get("schedules")
         if not isinstance(saved, list) or not saved:
             return                                        # the plan says what is wrong
@@ -94,4 +106,18 @@ class Run:
         # continues the legacy run: its snapshots go on beside the version-1 ones, read as one run
         self.id = LEGACY_RUN_ID if run_id is None else run_id
         self.checked = False                  # the folder is checked again for this run and time
-        self.due = None                       # a missed snapshot of the replaced state goes with it
+        self.due = _due(state)                # the checkpoint's missed snapshot (the replaced state's goes)
+
+
+def _due(state: dict) -> tuple | None:
+    """``state``'s ``"due_snapshot"`` as ``(time, updates)``; None where it has none or it is not
+    one this checkpoint's counters can have left (:meth:`Run.check_plan_state` refuses that)."""
+    due = state.get("due_snapshot")
+    if not isinstance(due, (list, tuple)) or len(due) != 2:
+        return None
+    (time, n), updates, last = due, state.get("updates"), state.get("last_time", 0.0)
+    reals = all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (time, last))
+    ints = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (n, updates))
+    if not (reals and ints and math.isfinite(time) and 0 < time <= last and 1 <= n <= updates):
+        return None
+    return float(time), int(n)
