@@ -2,14 +2,20 @@
 folder (``STATE_FILE``, a replicated average), or one a rank (``fastema_ema-rank<r>-of-<world>.safetensors``,
 a sharded average; a split one records the flat range of each tensor it holds, so that any world
 size resumes from them). Safetensors, read without code execution; a JSON header of the EMA's
-counters and settings, the same in every rank's file of one save. Each file is opened by
-:func:`_safe_open`: a FIFO, device or folder named like one is refused by name, never opened."""
+counters and settings, the same in every rank's file of one save, and the CRC-32 of every tensor's
+stored bytes (``checksums``, as a post-hoc snapshot's: a tensor changed or damaged on disk is refused
+by name, never loaded). Each file is opened by :func:`_safe_open`: a FIFO, device or folder named like
+one is refused by name, never opened.
+
+Versions: 2 (this one) carries the checksums; 1, written by development versions of 0.2 before them,
+is refused, naming what to do (no released fastema wrote it)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import re
+import zlib
 
 import torch
 
@@ -17,13 +23,16 @@ from ._checkpoint_format import GROUPS, from_named, load_refused
 from ._io.safe_files import regular
 from .torch import SplitEntry
 
-__all__ = ["FORMAT", "STATE_FILE", "VERSION", "local", "parted", "read", "resharded"]
+__all__ = ["CHECKSUMS", "FORMAT", "STATE_FILE", "VERSION", "local", "parted", "read", "resharded"]
 
 STATE_FILE = "fastema_ema.safetensors"
 _RANK_FILE = re.compile(r"fastema_ema-rank(\d+)-of-(\d+)\.safetensors")
 
 FORMAT = "fastema.transformers.EMACallback"
-VERSION = 1
+VERSION = 2
+CHECKSUMS = "checksums"     # the metadata key of every tensor's CRC-32 (stream_safetensors' checksums=)
+_AFTER = ("Resume from another checkpoint folder, or delete the file and pass EMACallback(..., "
+          "missing_state='restart') to start a new EMA from the resumed weights.")
 
 
 def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict:
@@ -54,6 +63,7 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
     state = read(files[0])                       # the header, and the entries every rank holds whole
     with contextlib.ExitStack() as stack:
         opened = [stack.enter_context(_safe_open(p)) for p in files]
+        crcs = [_checksums(f, p) for f, p in zip(opened, files)]
         found_ranges = [_ranges(f, p) for f, p in zip(opened, files)]
         ranges = [r for r in found_ranges if r is not None]
         if len(ranges) != len(found_ranges):
@@ -70,11 +80,11 @@ def resharded(ema, folder: str, mine: str, template: dict | None = None) -> dict
                     raise refused
                 first, count = want
                 parts = []
-                for f, held in zip(opened, ranges):
+                for f, p, held, crc in zip(opened, files, ranges, crcs):
                     f0, c0 = held.get(key, (0, 0))
                     lo, hi = max(first, f0), min(first + count, f0 + c0)
-                    if lo < hi:
-                        parts.append(f.get_slice(key)[:, lo - f0:hi - f0])
+                    if lo < hi:                      # the file's piece, checked whole, then this rank's part
+                        parts.append(_checked(p, key, f.get_tensor(key), crc)[:, lo - f0:hi - f0])
                 local = torch.cat(parts, 1) if parts else torch.empty((rows, 0), dtype=value.dtype)
                 if tuple(local.shape) != (rows, count):
                     raise load_refused(f"EMACallback: {files!r} hold {tuple(local.shape)} of this rank's "
@@ -106,6 +116,10 @@ def read(path: str) -> dict:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not an EMACallback state file (format {meta.get('format')!r}); "
                              f"the callback reads only the files it wrote")
+        if meta.get("version") == "1":
+            raise load_refused(f"EMACallback: {path!r} has version 1, written by a development version of fastema "
+                               f"0.2 before the state file carried checksums of its tensors; this fastema reads "
+                               f"version {VERSION}, whose tensors it can check. {_AFTER}")
         if meta.get("version") != str(VERSION):
             raise ValueError(f"{path!r} has version {meta.get('version')!r}; this fastema reads version "
                              f"{VERSION}: upgrade fastema")
@@ -115,7 +129,39 @@ def read(path: str) -> dict:
             raise ValueError(f"{path!r} has no readable EMA header ({err}); the file is damaged") from err
         if not isinstance(header, dict):
             raise ValueError(f"{path!r} has an EMA header of type {type(header).__name__}; the file is damaged")
-        return from_named(header, ((key, f.get_tensor(key)) for key in f.keys()), repr(path))
+        crcs = _checksums(f, path)
+        return from_named(header, ((key, _checked(path, key, f.get_tensor(key), crcs)) for key in f.keys()),
+                          repr(path))
+
+
+def _checksums(f, path: str) -> dict:
+    """The CRC-32 of every tensor the callback's file ``path`` holds (its ``checksums`` metadata);
+    refused as damaged when missing or malformed."""
+    try:
+        crcs = json.loads((f.metadata() or {})[CHECKSUMS])
+    except (KeyError, ValueError, RecursionError):
+        crcs = None
+    if not isinstance(crcs, dict) or not all(isinstance(v, str) and _CRC.fullmatch(v) for v in crcs.values()):
+        raise load_refused(f"EMACallback: {path!r} has no readable {CHECKSUMS!r} metadata (the CRC-32 of each "
+                           f"tensor, which fastema writes): the file is damaged. {_AFTER}")
+    return crcs
+
+
+_CRC = re.compile(r"[0-9a-f]{8}")
+
+
+def _checked(path: str, key: str, t: torch.Tensor, crcs: dict) -> torch.Tensor:
+    """``t``, tensor ``key`` of ``path`` as read, when the CRC-32 of its bytes is the one written;
+    refused naming the file and the tensor otherwise (nothing is loaded)."""
+    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    crc = f"{zlib.crc32(data):08x}"
+    if key not in crcs:
+        raise load_refused(f"EMACallback: {path!r} has no checksum of tensor {key!r}, where fastema writes one of "
+                           f"every tensor: the file was changed after it was written. {_AFTER}")
+    if crc != crcs[key]:
+        raise load_refused(f"EMACallback: {path!r}: tensor {key!r} fails its checksum (CRC-32 {crc}, written "
+                           f"{crcs[key]}): the file was changed or damaged on disk after it was written. {_AFTER}")
+    return t
 
 
 def _one_save(files: list) -> None:

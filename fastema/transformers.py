@@ -298,7 +298,7 @@ class EMACallback(TrainerCallback):
             meta["pieces"] = json.dumps(ranges)
         from ._io.safetensors import stream_safetensors
 
-        atomic_write(path, lambda f: stream_safetensors(f, tensors, meta))
+        atomic_write(path, lambda f: stream_safetensors(f, tensors, meta, checksums=_files.CHECKSUMS))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.ema is None:

@@ -3,7 +3,8 @@
 ``data/`` holds files written by ``data/make_format_fixtures.py`` at 929b907, before the formats shared
 the codec: a Keras ``.keras`` / ``.weights.h5`` file with a ``WeightEMA`` average, an ``EMACallback``
 ``fastema_ema.safetensors`` and a TensorFlow checkpoint of ``fastema.tensorflow.EMA``. Each still
-loads, and writing the loaded state again gives the same bytes.
+loads, and writing the loaded state again gives the same bytes; but the ``EMACallback`` file, version 1
+(no checksums, written by development versions of 0.2 only), which is refused naming what to do.
 """
 import importlib.util
 import io
@@ -122,12 +123,15 @@ def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(
     assert cb.ema.updates == 4
 
 
-def test_an_emacallback_file_written_before_the_codec_loads_and_writes_the_same(tmp_path):
+def test_an_emacallback_file_without_checksums_is_refused_and_one_written_now_reads_back_and_writes_the_same(
+        tmp_path):
+    """The callback's file carries every tensor's CRC-32 since version 2 (a flipped bit loaded silently);
+    a version-1 file (written before, by development versions of 0.2 only) is refused naming the file,
+    its version and what to do, nothing loaded. One written now loads bit for bit and writes the same
+    bytes again."""
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
     import types
-
-    from safetensors import safe_open
 
     from fastema.torch import EMA
     from fastema.transformers import STATE_FILE, EMACallback
@@ -136,18 +140,30 @@ def test_an_emacallback_file_written_before_the_codec_loads_and_writes_the_same(
     fixtures = _fixtures()
     model = fixtures.ema_module()
     ema = EMA(model, [PowerWarmup(0.9), PowerWarmup(0.99)])
-    EMACallback._load(ema, str(old))
-    assert ema.calls == ema.updates == 5
-    with safe_open(str(old / STATE_FILE), framework="pt") as f:
-        for key in f.keys():
-            group, _, name = key.partition("/")
-            assert ema.state_dict()[group][name].equal(f.get_tensor(key)), key
+    before = ema.state_dict()
+    with pytest.raises(ValueError, match=r"fastema_ema\.safetensors' has version 1, written by a development "
+                                         r"version .* before the state file carried checksums.*Resume from another "
+                                         r"checkpoint folder, or delete the file and pass .*missing_state='restart'"
+                                         r".*Nothing was loaded"):
+        EMACallback._load(ema, str(old))
+    assert ema.calls == 0 and all(v.equal(before["averaged"][k]) for k, v in ema.state_dict()["averaged"].items())
+    ema.update()
     cb = EMACallback([PowerWarmup(0.9), PowerWarmup(0.99)])
     cb.ema = ema
-    (tmp_path / "checkpoint-5").mkdir()
-    cb.on_save(types.SimpleNamespace(output_dir=str(tmp_path), should_save=True),
-               types.SimpleNamespace(global_step=5), None)
-    assert (tmp_path / "checkpoint-5" / STATE_FILE).read_bytes() == (old / STATE_FILE).read_bytes()
+    for out in ("a", "b"):
+        (tmp_path / out / "checkpoint-1").mkdir(parents=True)
+        cb.on_save(types.SimpleNamespace(output_dir=str(tmp_path / out), should_save=True),
+                   types.SimpleNamespace(global_step=1), None)
+    back = EMA(fixtures.ema_module(), [PowerWarmup(0.9), PowerWarmup(0.99)])
+    EMACallback._load(back, str(tmp_path / "a" / "checkpoint-1"))
+    assert back.calls == 1 and all(v.equal(ema.state_dict()["averaged"][k])
+                                   for k, v in back.state_dict()["averaged"].items())
+    cb.ema = back
+    (tmp_path / "c" / "checkpoint-1").mkdir(parents=True)
+    cb.on_save(types.SimpleNamespace(output_dir=str(tmp_path / "c"), should_save=True),
+               types.SimpleNamespace(global_step=1), None)
+    assert (tmp_path / "c" / "checkpoint-1" / STATE_FILE).read_bytes() == \
+        (tmp_path / "a" / "checkpoint-1" / STATE_FILE).read_bytes()
 
 
 def test_a_tensorflow_checkpoint_written_before_the_codec_restores_and_saves_the_same():

@@ -307,6 +307,49 @@ def test_a_truncated_emptied_or_replaced_state_file_is_refused_naming_the_file(t
         assert all(torch.equal(t, state["averaged"][n]) for n, t in ema_cb.ema.state_dict()["averaged"].items())
 
 
+def test_a_bit_flipped_in_any_tensor_of_the_state_file_is_refused_naming_the_file_and_the_tensor(tmp_path,
+                                                                                                   uninterrupted):
+    """A state file whose tensor bytes changed on disk (one mantissa bit) loaded silently. The file carries
+    the CRC-32 of every tensor (as a post-hoc snapshot does): the resume is refused naming the file and the
+    tensor, and says what to do; the callback keeps its EMA. A file without its checksums is refused too."""
+    import json
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "checkpoint-6"
+    shutil.copytree(uninterrupted[0] / "checkpoint-6", ckpt)
+    path = ckpt / STATE_FILE
+    whole = path.read_bytes()
+    n = struct.unpack("<Q", whole[:8])[0]
+    layout = {k: v["data_offsets"] for k, v in json.loads(whole[8:8 + n]).items() if k != "__metadata__"}
+    ema_cb = EMACallback(decay=PowerWarmup(0.9, update_after_step=1))
+    trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "y", max_steps=7), train_dataset=Tokens(64, 0),
+                      callbacks=[ema_cb])
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    before, state = ema_cb.ema, ema_cb.ema.state_dict()
+    assert any(k.startswith("averaged/") for k in layout)
+    for key, (begin, end) in layout.items():
+        if begin == end:
+            continue
+        flipped = bytearray(whole)
+        flipped[8 + n + begin] ^= 0x01                    # the lowest bit of its first element
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match=re.escape(f"{str(path)!r}: tensor {key!r} fails its checksum") +
+                           r".*Resume from another checkpoint folder, or delete the file and pass "
+                           r".*missing_state='restart'.*Nothing was loaded"):
+            trainer.train(resume_from_checkpoint=str(ckpt))
+        assert ema_cb.ema is before and ema_cb.ema.calls == 7
+        assert all(torch.equal(t, state["averaged"][k]) for k, t in ema_cb.ema.state_dict()["averaged"].items())
+    with safe_open(str(uninterrupted[0] / "checkpoint-6" / STATE_FILE), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if k != "checksums"})
+    with pytest.raises(ValueError, match=r"has no readable 'checksums' metadata .*damaged.*Nothing was loaded"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert ema_cb.ema is before and ema_cb.ema.calls == 7
+
+
 def test_finding_the_trainer_keeps_nothing_of_the_callers_alive(tmp_path):
     """The callback looks for its Trainer among its callers' frames. On Python 3.10-3.12 reading a
     frame's ``f_locals`` snapshots its variables into a dict the frame keeps: a tensor the caller
