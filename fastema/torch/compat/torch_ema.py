@@ -1,7 +1,8 @@
 """torch_ema's ``ExponentialMovingAverage`` (``torch_ema``, 0.3) on fastema's kernels.
 
 Deviations (documented on the class): the parameters are kept alive (the kernels read them by
-address; torch_ema holds weak references); ``to(device)`` must name the parameters' device;
+address; torch_ema holds weak references); ``to(device)`` must name the parameters' device, and
+a ``to`` that casts or moves any shadow tensor makes them all anew (one flat buffer);
 ``load_state_dict`` refuses mismatched shapes, a NaN ``decay`` and a negative ``num_updates``
 before loading anything.
 """
@@ -83,6 +84,21 @@ def _check_decay(decay, name: str) -> None:
         raise ValueError(f"Decay must be between 0 and 1 (a float), got {decay!r}{where}")
 
 
+_DTYPE_NAMES = {None: "same", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float64: "float64"}
+
+
+def _kept_dtype(shadows: list, params: list) -> str:
+    """The :class:`FlatShadow` dtype that rebuilds ``shadows`` (of ``params``) in their own dtypes
+    (``to(device)`` keeps a float64 average float64, as torch_ema does)."""
+    have = [s.dtype for s in shadows]
+    for name in _DTYPE_NAMES.values():
+        if have == [p.dtype if name == "same" or p.dtype == torch.float64 else getattr(torch, name) for p in params]:
+            return name
+    raise ValueError(f"the shadow's dtypes {have} no longer follow the parameters' {[p.dtype for p in params]} "
+                     f"(cast after construction): pass the shadow dtype, ema.to(device, dtype=...); nothing moved")
+
+
 class ExponentialMovingAverage:
     """torch_ema's ``ExponentialMovingAverage(parameters, decay, use_num_updates=True)``.
 
@@ -98,7 +114,9 @@ class ExponentialMovingAverage:
     Differences from torch_ema: the kernels read the parameters by address, so this
     class keeps them alive (torch_ema holds weak references and raises once they are
     collected); ``to(device)`` must name the parameters' device (the shadow lives beside
-    them); ``load_state_dict`` refuses a state dict whose shapes do not match these
+    them), and a ``to`` that casts or moves any shadow tensor makes all of them anew (they share
+    one flat buffer; torch_ema keeps those already in place; where nothing changes both keep
+    all); ``load_state_dict`` refuses a state dict whose shapes do not match these
     parameters, before anything is loaded (torch_ema fails later, in ``copy_to``). A NaN
     ``decay`` (here and in a state dict) and a negative ``num_updates`` are refused by name:
     torch_ema takes them, and its updates then write NaN into the average (``min(nan, ...)``
@@ -217,25 +235,37 @@ class ExponentialMovingAverage:
             self.restore(params)
 
     def to(self, device=None, dtype=None) -> None:
-        """Cast the shadow (and stored) copies to ``dtype`` as torch_ema does (float64 included);
-        ``device`` must be the parameters' own device (after ``model.to(device)``)."""
+        """torch_ema's ``to``: floating shadow (and stored) copies cast to ``dtype`` where it is
+        given (float64 included) and kept in their own dtype where not; ``device`` must be the
+        parameters' own device (after ``model.to(device)``). Tensors nothing changes are kept, so
+        a ``state_dict()`` taken before goes on following the updates."""
         params = self._params(None)
-        name = {None: "same", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                torch.float64: "float64"}
-        if dtype not in name:
+        if dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype must be float64, float32, bfloat16 or float16, got {dtype}")
         if device is not None and any(p.device != torch.device(device) for p in params):
             raise ValueError(f"the parameters are on {params[0].device}, not {device}: fastema keeps the shadow "
                              f"beside the parameters; move the model first, then call ema.to({device!r})")
+        target = None if device is None else torch.device(device)
+
+        def moved(t: torch.Tensor) -> bool:
+            return (target is not None and t.device != target) or \
+                (dtype is not None and t.is_floating_point() and t.dtype != dtype)
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+
         old = self.shadow_params
-        flat = _shadow(params, dtype=name[dtype])
-        with torch.no_grad():
-            for new, o in zip(flat.views().values(), old):
-                new.copy_(o)
-        self._flat = flat
+        if isinstance(self._flat, _PlainShadow):
+            self._flat._shadows = [cast(s) for s in old]
+        elif any(moved(s) for s in old):
+            flat = _shadow(params, dtype=_DTYPE_NAMES[dtype] if dtype is not None else _kept_dtype(old, params))
+            with torch.no_grad():
+                for new, o in zip(flat.views().values(), old):
+                    new.copy_(o)
+            self._flat = flat
         stored = self.collected_params
-        if dtype is not None and stored is not None:
-            self._stored = [c.to(dtype=dtype) if c.is_floating_point() else c.clone() for c in stored]
+        if stored is not None and any(moved(c) for c in stored):
+            self._stored = [cast(c) for c in stored]
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow_params": self.shadow_params,

@@ -173,6 +173,50 @@ def test_exponential_moving_average_load_casts_to_the_parameters_dtypes_as_torch
         assert [c.dtype for c in ema.collected_params] == [torch.float32] * 2, cls
 
 
+def test_exponential_moving_average_to_keeps_the_shadow_dtype_and_tensors_as_torch_ema_does():
+    """After to(dtype=torch.float64), to(device=...) and a bare to() rebuilt the shadow in the
+    parameters' float32, rounding the average; and a to() that changed nothing made new tensors,
+    so a state_dict() taken before stopped following the updates. torch_ema casts only where a
+    dtype is given and keeps the tensors nothing changes."""
+    torch_ema = pytest.importorskip("torch_ema")
+
+    def same(xs, ys):                                  # the same memory (fastema's views are made anew)
+        return all(x.data_ptr() == y.data_ptr() and x.dtype == y.dtype for x, y in zip(xs, ys, strict=True))
+
+    seen = []
+    for cls in (torch_ema.ExponentialMovingAverage, compat.ExponentialMovingAverage):
+        torch.manual_seed(0)
+        m = nn.Linear(3, 2)
+        ema = cls(m.parameters(), decay=0.5, use_num_updates=False)
+        early = ema.state_dict()["shadow_params"]
+        ema.to(device="cpu")
+        ema.to()
+        ema.to(dtype=torch.float32)
+        assert same(early, ema.shadow_params), cls
+        ema.to(dtype=torch.float64)
+        with torch.no_grad():
+            for s in ema.shadow_params:
+                s.fill_(1.0 + 1e-12)                  # float32 cannot hold it
+        ema.store()
+        sd = ema.state_dict()
+        ema.to(device="cpu")
+        ema.to()
+        assert [s.dtype for s in ema.shadow_params] == [torch.float64] * 2, cls
+        assert [c.dtype for c in ema.collected_params] == [torch.float32] * 2, cls
+        assert same(sd["collected_params"], ema.collected_params), cls
+        ema.to(dtype=torch.float64)                   # the stored float32 copies are cast, not the shadow
+        assert [c.dtype for c in ema.collected_params] == [torch.float64] * 2, cls
+        assert same(sd["shadow_params"], ema.shadow_params), cls
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        ema.update()
+        for s, p in zip(sd["shadow_params"], m.parameters()):      # the earlier state dict follows the update
+            ref = (1.0 + 1e-12) - 0.5 * ((1.0 + 1e-12) - p.detach().double())   # naive float64
+            assert s.dtype == torch.float64 and torch.equal(s, ref), cls
+        seen.append([s.clone() for s in ema.shadow_params])
+    assert all(torch.equal(a, b) for a, b in zip(*seen))
+
+
 def test_exponential_moving_average_to_dtype():
     model, _ = model_and_data(dtype=torch.bfloat16)
     ema = compat.ExponentialMovingAverage(model.parameters(), decay=0.9)
