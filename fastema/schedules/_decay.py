@@ -119,14 +119,16 @@ class PowerWarmup:
         return {"kind": "power_warmup", **asdict(self)}
 
 
-def check_power_args(decay, min_decay, inv_gamma, power, update_after_step) -> None:
-    """The arguments of :class:`PowerWarmup`, checked whatever the warm-up (a typo is an error)."""
-    check_decay("decay", decay)
-    check_decay("min_decay", min_decay)
-    for name, v in (("inv_gamma", inv_gamma), ("power", power)):
+def check_power_args(decay, min_decay, inv_gamma, power, update_after_step,
+                     names: tuple = ("decay", "min_decay", "inv_gamma", "power", "update_after_step")) -> None:
+    """The arguments of :class:`PowerWarmup`, checked whatever the warm-up (a typo is an error);
+    ``names``: what the caller calls them (ema-pytorch's ``beta``, ``min_value``), for the messages."""
+    check_decay(names[0], decay)
+    check_decay(names[1], min_decay)
+    for name, v in ((names[2], inv_gamma), (names[3], power)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v) > 0 or v != v or v == float("inf"):
             raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
-    check_count("update_after_step", update_after_step)
+    check_count(names[4], update_after_step)
 
 
 def _check_positive(name, value):

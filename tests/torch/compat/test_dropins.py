@@ -54,6 +54,58 @@ def test_ema_pytorch_EMA_equals_the_original_bit_for_bit(kw):
     assert resumed.get_current_decay() == theirs.get_current_decay()
 
 
+@pytest.mark.parametrize("make", [_net, lambda: torch.randn(5, generator=torch.Generator().manual_seed(0))],
+                         ids=["EMA", "EMAPytree"])
+def test_ema_pytorch_warmup_settings_are_checked_at_construction_and_a_refused_update_counts_no_step(make):
+    """inv_gamma, power, min_value and update_after_step were taken unchecked: a NaN or negative
+    inv_gamma gave a NaN decay, and every later update() was refused ("weight must be in [0, 1], got
+    nan") while its step counted. ema-pytorch takes them and averages NaN in."""
+    kw = dict(beta=0.99, update_after_step=0, update_every=1)
+    peer = ema_pytorch.EMA(make(), **kw, inv_gamma=-1.0)
+    for _ in range(3):
+        peer.update()
+    assert math.isnan(peer.get_current_decay())                  # what the check keeps out
+    for bad, message in [(dict(inv_gamma=-1.0), "inv_gamma must be a finite float > 0, got -1.0"),
+                         (dict(inv_gamma=float("nan")), "inv_gamma must be a finite float > 0, got nan"),
+                         (dict(inv_gamma=0), "inv_gamma must be a finite float > 0, got 0"),
+                         (dict(power=float("nan")), "power must be a finite float > 0, got nan"),
+                         (dict(power=-0.5), "power must be a finite float > 0, got -0.5"),
+                         (dict(power=float("inf")), "power must be a finite float > 0, got inf"),
+                         (dict(min_value=float("nan")), r"min_value must be a float in \[0, 1\], got nan"),
+                         (dict(min_value=-3.0), r"min_value must be a float in \[0, 1\], got -3.0"),
+                         (dict(update_after_step=-1), "update_after_step must be an int >= 0, got -1"),
+                         (dict(update_after_step=1.5), "update_after_step must be an int >= 0, got 1.5")]:
+        with pytest.raises(ValueError, match=message):
+            compat.EMA(make(), **{**kw, **bad})
+    sources = [make(), make()]
+    ours, theirs = compat.EMA(sources[0], **kw), ema_pytorch.EMA(sources[1], **kw)
+
+    def steps(n):
+        for _ in range(n):
+            with torch.no_grad():
+                for src in sources:
+                    for t in (src.parameters() if isinstance(src, nn.Module) else [src]):
+                        t.mul_(0.5).add_(1.0)
+            ours.update(), theirs.update()
+
+    def averaged(ema):                                            # (ema-pytorch's pytree keeps it out of state_dict)
+        copy = ema.ema_model
+        return [int(ema.step), *(copy.state_dict().values() if isinstance(copy, nn.Module) else [copy])]
+
+    steps(3)
+    before = [t.clone() if torch.is_tensor(t) else t for t in averaged(ours)]
+    ours.inv_gamma = float("nan")                                 # set after construction
+    with pytest.raises(ValueError, match=r"warm-up decay at step 4 is nan .*inv_gamma=nan.*step did not count"):
+        ours.update()
+    assert [torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(averaged(ours), before)] == \
+        [True] * len(before)
+    assert before[0] == 3
+    ours.inv_gamma = 1.0
+    steps(3)
+    for a, b in zip(averaged(ours), averaged(theirs)):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
 def test_karras_ema_with_update_every_1_equals_the_original_bit_for_bit():
     theirs_net, ours_net = _net(), _net()
     theirs = ema_pytorch.KarrasEMA(theirs_net, sigma_rel=0.1, update_every=1)

@@ -8,11 +8,13 @@ checkpoints atomically; ``EMAPytree``'s ``state_dict()`` holds the averaged tens
 (``ema_pytree.<path>``; ema-pytorch's only the counters), a tree whose structure or shapes
 changed is refused before anything changes, integer leaves are copied, not averaged;
 ``EMAModuleWrapper`` checks every route before hooking any, and refuses ``ema=`` with EMA
-arguments. Where ema-pytorch asserts (``only_online`` with ``only_ema``, ``sigma_rel`` with
-``gamma``, ...), the error is an ``AssertionError`` too (:class:`AssertionValueError`,
-:class:`AssertionTypeError`, :class:`AssertionRuntimeError`: also the ``ValueError`` /
-``TypeError`` / ``RuntimeError`` fastema raises), so ``except AssertionError`` catches it as it
-catches ema-pytorch's.
+arguments; ``EMA`` and ``EMAPytree`` refuse at construction an ``inv_gamma`` or ``power`` not
+finite and > 0, a ``min_value`` outside [0, 1] and an ``update_after_step`` not an int >= 0
+(ema-pytorch takes them: a NaN ``inv_gamma`` or ``power`` averages NaN in). Where ema-pytorch
+asserts (``only_online`` with ``only_ema``, ``sigma_rel`` with ``gamma``, ...), the error is an
+``AssertionError`` too (:class:`AssertionValueError`, :class:`AssertionTypeError`,
+:class:`AssertionRuntimeError`: also the ``ValueError`` / ``TypeError`` / ``RuntimeError``
+fastema raises), so ``except AssertionError`` catches it as it catches ema-pytorch's.
 
 One private module per concern: ``_base`` (the counters, the warm-up, the average step and
 ema-pytorch's helpers, shared by the three families), ``_model`` (``EMA``, ``KarrasEMA``),

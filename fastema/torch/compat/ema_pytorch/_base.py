@@ -158,7 +158,8 @@ class _Warmup(_Counters):
 
     def _init_warmup(self, beta: float, update_after_step: int, update_every: int, inv_gamma: float, power: float,
                      min_value: float) -> None:
-        S.check_decay("beta", beta)
+        S.check_power_args(beta, min_value, inv_gamma, power, update_after_step,
+                           names=("beta", "min_value", "inv_gamma", "power", "update_after_step"))
         S.check_count("update_every", update_every, 1)
         self.beta = beta
         self.is_frozen = beta == 1.0
@@ -168,19 +169,36 @@ class _Warmup(_Counters):
     def get_current_decay(self) -> float:
         """ema-pytorch's warm-up at the current step: 0 until ``update_after_step``, then
         ``clamp(1 - (1 + epoch / inv_gamma) ** -power, min_value, beta)``."""
-        epoch = max(self._counters()[0] - self.update_after_step - 1, 0)
+        return self._decay_at(self._counters()[0])
+
+    def _decay_at(self, step: int) -> float:
+        """:meth:`get_current_decay` once the step counter reads ``step``."""
+        epoch = max(step - self.update_after_step - 1, 0)
         if epoch <= 0:
             return 0.0
         # in float32 on host scalars, as ema-pytorch computes it on its step buffer: the same decay
         value = 1 - (1 + torch.tensor(float(epoch)) / self.inv_gamma) ** -self.power
         return float(value.clamp(min=self.min_value, max=self.beta).numpy())     # a CPU scalar of ours
 
-    def _phase(self, step: int) -> str | None:
-        """What ``update()`` does at ``step`` (the count before this call): ``"init"`` (not initted
-        yet: copy, then mark initted), ``"copy"`` (a due update up to ``update_after_step``),
+    def _due_decay(self, step: int) -> float:
+        """The decay of the average that ``update()`` makes at ``step`` (the count before it),
+        refused before the step counts where the settings, changed after construction, give
+        none in [0, 1]."""
+        decay = self._decay_at(step + 1)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"the warm-up decay at step {step + 1} is {decay} (beta={self.beta!r}, "
+                             f"inv_gamma={self.inv_gamma!r}, power={self.power!r}, min_value={self.min_value!r}): "
+                             f"set inv_gamma and power to finite floats > 0, beta and min_value to floats in [0, 1]; "
+                             f"the update was not made and the step did not count")
+        return decay
+
+    def _phase(self) -> tuple[int, str | None]:
+        """The step count before this ``update()`` and what the update does at it: ``"init"`` (not
+        initted yet: copy, then mark initted), ``"copy"`` (a due update up to ``update_after_step``),
         ``"average"`` (a due update after it), None (not due)."""
-        if not self._counters()[1]:
-            return "init"
+        step, initted = self._counters()
+        if not initted:
+            return step, "init"
         if step % self.update_every != 0:
-            return None
-        return "copy" if step <= self.update_after_step else "average"
+            return step, None
+        return step, "copy" if step <= self.update_after_step else "average"

@@ -153,6 +153,13 @@ class EMA(_EmaPytorchBase, _Warmup):
     ``use_foreach`` and ``coerce_dtype`` are accepted (the launch is already one per group, and
     the kernels read any float dtype). As in ema-pytorch 0.8.3, ``EMA(tree, ...)`` with a tensor or
     a tree of tensors (not an ``nn.Module``) makes an :class:`EMAPytree`.
+
+    The warm-up settings are checked at construction (a deviation): ``inv_gamma`` and ``power``
+    finite and > 0, ``beta`` and ``min_value`` in [0, 1], ``update_after_step`` an int >= 0.
+    ema-pytorch takes a NaN or negative ``inv_gamma`` and averages NaN in; it also takes a
+    negative ``min_value`` (no effect) and a float or negative ``update_after_step`` (pass an int
+    >= 0; a negative one starts the warm-up early there). An ``update()`` whose decay is
+    not in [0, 1] (settings changed after construction) is refused before its step counts.
     """
 
     def __new__(cls, *args, **kwargs):
@@ -216,8 +223,9 @@ class EMA(_EmaPytorchBase, _Warmup):
     def update(self):
         if self.ema_model is not None:
             self._paired(self.model, self.ema_model)        # refused before the step counts
-        step = self._advance()
-        phase = self._phase(step)
+        step, phase = self._phase()
+        decay = self._due_decay(step) if phase == "average" and not self.is_frozen else None   # (refused: no step)
+        self._advance()
         if phase == "init" or self.ema_model is None:          # (a lazy EMA that loaded initted=True too)
             if self.ema_model is None:
                 self.init_ema()
@@ -228,7 +236,7 @@ class EMA(_EmaPytorchBase, _Warmup):
             self.copy_params_from_model_to_ema()
             return
         if phase == "average":
-            self.update_moving_average(self.ema_model, self.model)
+            self.update_moving_average(self.ema_model, self.model, decay)
         if self.update_model_with_ema_every is not None and step % self.update_model_with_ema_every == 0:
             self.update_model_with_ema()
 

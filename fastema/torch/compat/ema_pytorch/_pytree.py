@@ -53,6 +53,9 @@ class EMAPytree(_Warmup):
     - A tree whose structure, tensor shapes or devices no longer match the EMA copy's is refused
       with the leaf's path, before anything changes (``step`` included); ema-pytorch pairs the
       leaves in order and fails midway, or averages the wrong pairs.
+    - The warm-up settings are checked at construction, as :class:`EMA` checks them
+      (``inv_gamma`` and ``power`` finite and > 0, ``min_value`` in [0, 1], ``update_after_step``
+      an int >= 0); ema-pytorch takes a NaN or negative ``inv_gamma`` and averages NaN in.
     - Integer and bool tensor leaves are copied at each due update, never averaged
       (ema-pytorch's ``lerp_`` fails on them). Non-tensor leaves are left alone, as ema-pytorch does.
     - A tensor that sits at two places of the tree (a tied weight; the deep copy keeps it one
@@ -184,13 +187,15 @@ class EMAPytree(_Warmup):
         call copies it until ``update_after_step``, and averages it after. A tree that no longer
         matches is refused before the step counter moves."""
         average, copy = self._pairs(self.ema_pytree, self.pytree)
-        phase = self._phase(self._advance())
+        step, phase = self._phase()
+        decay = self._due_decay(step) if phase == "average" and not self.is_frozen else None   # (refused: no step)
+        self._advance()
         if phase in ("init", "copy"):
             self._copy(average[0] + copy[0], average[1] + copy[1])
             if phase == "init":
                 self._mark_initted()
         elif phase == "average":
-            self._move(average, copy, None)
+            self._move(average, copy, decay)
 
     def update_moving_average(self, ma_pytree, current_pytree, current_decay: float | None = None) -> None:
         """``ma_pytree <- lerp(ma_pytree, current_pytree, 1 - decay)`` for two trees of the EMA's
