@@ -164,6 +164,48 @@ def test_post_hoc_ema_equals_the_original_checkpoints_and_synthesis(tmp_path):
         ours.synthesize_ema_model(sigma_rel=0.1, step=101)
 
 
+def test_post_hoc_ema_checks_its_checkpoint_arguments_before_anything_is_made(tmp_path):
+    """checkpoint_every_num_steps 0, "Manual" or None was taken, and each update() then averaged,
+    counted its step and raised ZeroDivisionError / TypeError; checkpoint_dtype=torch.int8 was taken
+    and synthesis gave zeros; "float16" failed at the first checkpoint with torch's error (ema-pytorch
+    takes them all too). Refused at construction now, naming the argument; no folder is made."""
+    kw = dict(sigma_rels=(0.05, 0.15), update_every=1)
+    peer = ema_pytorch.PostHocEMA(_net(), checkpoint_folder=str(tmp_path / "peer"), checkpoint_every_num_steps=0, **kw)
+    with pytest.raises(ZeroDivisionError):
+        peer.update()
+    assert int(peer.step) == 1                                    # what the check keeps out
+    every = r"checkpoint_every_num_steps must be an int >= 1 \(checkpoint every that many updates\) or 'manual'"
+    dtype = r"checkpoint_dtype must be a floating torch.dtype"
+    for bad, message in [(dict(checkpoint_every_num_steps=0), every + ".*got 0$"),
+                         (dict(checkpoint_every_num_steps="Manual"), every + ".*got 'Manual'$"),
+                         (dict(checkpoint_every_num_steps=None), every + ".*got None$"),
+                         (dict(checkpoint_every_num_steps=-5), every + ".*got -5$"),
+                         (dict(checkpoint_every_num_steps=2.5), every + ".*got 2.5$"),
+                         (dict(checkpoint_every_num_steps=True), every + ".*got True$"),
+                         (dict(checkpoint_dtype=torch.int8), dtype + ".*got torch.int8$"),
+                         (dict(checkpoint_dtype=torch.complex64), dtype + ".*got torch.complex64$"),
+                         (dict(checkpoint_dtype="float16"), dtype + r".*got 'float16': pass torch.float16$"),
+                         (dict(checkpoint_dtype="half"), dtype + ".*got 'half': pass torch.half$"),
+                         (dict(checkpoint_dtype="f16"), dtype + r".*got 'f16'$")]:
+        with pytest.raises(ValueError, match=message):
+            compat.PostHocEMA(_net(), checkpoint_folder=str(tmp_path / "ours"), **kw, **bad)
+        assert not (tmp_path / "ours").exists()
+    theirs_net, ours_net = _net(), _net()                         # what it takes, as ema-pytorch does
+    kw.update(checkpoint_every_num_steps=np.int64(3), checkpoint_dtype=torch.float8_e4m3fn)
+    theirs = ema_pytorch.PostHocEMA(theirs_net, checkpoint_folder=str(tmp_path / "theirs"), **kw)
+    ours = compat.PostHocEMA(ours_net, checkpoint_folder=str(tmp_path / "ours"), **kw)
+    _loop([theirs_net, ours_net], 9, lambda i: (theirs.update(), ours.update()))
+    names = sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["0.3.pt", "0.6.pt", "0.9.pt",
+                                                                             "1.3.pt", "1.6.pt", "1.9.pt"]
+    for name in names:
+        _equal_state(torch.load(tmp_path / "ours" / name), torch.load(tmp_path / "theirs" / name))
+    manual = compat.PostHocEMA(_net(), checkpoint_folder=str(tmp_path / "manual"),
+                               **{**kw, "checkpoint_every_num_steps": "manual"})
+    manual.update()
+    assert list((tmp_path / "manual").iterdir()) == []
+
+
 class _Unblock(threading.Thread):
     """Opens a FIFO's write end whenever a reader waits on it (non-blocking: only then does it
     succeed) and closes it, so that the reader reads an empty file: a reader that opens the FIFO

@@ -4,6 +4,7 @@ regular-file reader (``fastema._io.safe_files``): a FIFO, device or folder named
 refused by name, never opened."""
 from __future__ import annotations
 
+import numbers
 import pathlib
 import re
 import typing
@@ -35,6 +36,20 @@ def _checkpoint_name(path: pathlib.Path, profiles: int) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+def _check_checkpoint_args(every, dtype) -> None:
+    """``checkpoint_every_num_steps`` an int >= 1 or ``"manual"``, ``checkpoint_dtype`` a floating
+    ``torch.dtype``: checked before anything is made (ema-pytorch takes any, and fails at each
+    ``update()`` after averaging, or synthesises from checkpoints cast to integers)."""
+    if every != "manual" and (isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1):
+        raise ValueError(f"checkpoint_every_num_steps must be an int >= 1 (checkpoint every that many "
+                         f"updates) or 'manual' (call checkpoint() yourself), got {every!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        hint = f": pass torch.{dtype}" if isinstance(dtype, str) and \
+            isinstance(getattr(torch, dtype, None), torch.dtype) and getattr(torch, dtype).is_floating_point else ""
+        raise ValueError(f"checkpoint_dtype must be a floating torch.dtype (torch.float16, torch.bfloat16, "
+                         f"torch.float32, ...), got {dtype!r}{hint}")
+
+
 class PostHocEMA(AllOrNothingLoad):
     """ema-pytorch's ``PostHocEMA``: several :class:`KarrasEMA`, checkpointed every
     ``checkpoint_every_num_steps`` as ``{index}.{step}.pt`` in ``checkpoint_folder`` (ema-pytorch's
@@ -44,14 +59,18 @@ class PostHocEMA(AllOrNothingLoad):
 
     Differences: updates use the exact Delta-t profile (see :class:`KarrasEMA`; ema-pytorch's
     profiles are off when ``update_every > 1``, its default being 100); checkpoints are written
-    atomically. ``synthesize_ema_model`` reads every ``*.pt`` of the folder, as ema-pytorch does,
-    and refuses by name, before reading any, one that is not a checkpoint this ``PostHocEMA``
-    wrote: a name other than ``{index}.{step}.pt`` (``notes.pt``; ema-pytorch raises a bare
-    ``int()`` error) or an index past its profiles (ema-pytorch: an ``IndexError``), and a FIFO,
-    device or folder (ema-pytorch's ``torch.load`` blocks on a FIFO for ever). Refused, not
-    skipped: ema-pytorch reads every ``*.pt`` too, so skipping would synthesise the same folder
-    from other files than ema-pytorch does, without a word. :class:`fastema.torch.PostHocEMA` is
-    the native version (safetensors snapshots, a residual check, one shadow always).
+    atomically. ``checkpoint_every_num_steps`` must be an int >= 1 or ``"manual"`` and
+    ``checkpoint_dtype`` a floating ``torch.dtype``, checked at construction (ema-pytorch takes
+    any: 0, ``None`` or ``"Manual"`` fail at each ``update()`` after its average, an integer dtype
+    synthesises zeros, a string fails at the first checkpoint). ``synthesize_ema_model`` reads
+    every ``*.pt`` of the folder, as ema-pytorch does, and refuses by name, before reading any, one
+    that is not a checkpoint this ``PostHocEMA`` wrote: a name other than ``{index}.{step}.pt``
+    (``notes.pt``; ema-pytorch raises a bare ``int()`` error) or an index past its profiles
+    (ema-pytorch: an ``IndexError``), and a FIFO, device or folder (ema-pytorch's ``torch.load``
+    blocks on a FIFO for ever). Refused, not skipped: ema-pytorch reads every ``*.pt`` too, so
+    skipping would synthesise the same folder from other files than ema-pytorch does, without a
+    word. :class:`fastema.torch.PostHocEMA` is the native version (safetensors snapshots, a
+    residual check, one shadow always).
 
     **One shadow where the profiles agree.** Where every profile is a :class:`KarrasEMA` of the
     model, none frozen, of one ``update_every``, name sets and flags, with its counters (``step``,
@@ -79,6 +98,7 @@ class PostHocEMA(AllOrNothingLoad):
                  checkpoint_every_num_steps: int | str = 1000, checkpoint_folder: str = "./post-hoc-ema-checkpoints",
                  checkpoint_dtype: torch.dtype = torch.float16, **kwargs):
         super().__init__()
+        _check_checkpoint_args(checkpoint_every_num_steps, checkpoint_dtype)
         if (sigma_rels is None) == (gammas is None):
             raise AssertionValueError("give exactly one of sigma_rels= and gammas=")
         gammas = tuple(S.sigma_rel_to_gamma(s) for s in sigma_rels) if sigma_rels is not None else \
