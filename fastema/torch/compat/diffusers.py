@@ -3,11 +3,13 @@
 Deviations (documented on the class): the update is ``torch.lerp`` (one rounding) where diffusers
 computes ``s - (1 - d) * (s - p)`` (two), so the two agree to float32 rounding, not bit for bit;
 a shadow on another device than its parameter is refused at ``step`` with the fix;
-``load_state_dict`` checks everything before changing anything, the settings' ranges too.
+``load_state_dict`` checks everything before changing anything, the settings' ranges too; the
+deprecation warnings (``FutureWarning``) point at the caller (diffusers' at its own method).
 """
 from __future__ import annotations
 
 import copy as _copy
+import warnings
 
 import torch
 from torch import nn
@@ -16,6 +18,13 @@ from ... import schedules as S
 from ._common import check_loaded, lerp_pairs
 
 __all__ = ["EMAModel"]
+
+
+def _deprecated(message: str, frames: int = 1) -> None:
+    """diffusers' ``deprecate(..., standard_warn=False)``: a ``FutureWarning`` with its message,
+    pointing at the caller of the ``EMAModel`` method (diffusers' points inside the method),
+    ``frames`` calls up from it (2 through ``torch.no_grad``'s wrapper)."""
+    warnings.warn(message, FutureWarning, stacklevel=2 + frames)
 
 
 class EMAModel:
@@ -39,23 +48,31 @@ class EMAModel:
     ``inv_gamma`` and ``power`` finite and > 0, ``update_after_step`` and ``optimization_step``
     ints >= 0) and refuses one out of range by name before anything changes: diffusers checks
     types only, and then clamps to ``min_decay 2.0`` (an average that extrapolates) or divides
-    by ``inv_gamma 0`` at a later ``step``.
+    by ``inv_gamma 0`` at a later ``step``. What diffusers deprecates warns as diffusers 0.42 warns
+    (the same ``FutureWarning`` messages): an ``nn.Module`` passed to the constructor (which then
+    turns ``use_ema_warmup`` on, whatever was passed, as diffusers does) or to ``step``, and the
+    ``max_value=``, ``min_value=`` and ``device=`` arguments.
     """
 
     def __init__(self, parameters, decay: float = 0.9999, min_decay: float = 0.0, update_after_step: int = 0,
                  use_ema_warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3, foreach: bool = False,
                  model_cls=None, model_config=None, **kwargs):
         if isinstance(parameters, nn.Module):      # deprecated in diffusers, kept as diffusers keeps it
+            _deprecated("Passing a `torch.nn.Module` to `ExponentialMovingAverage` is deprecated. "
+                        "Please pass the parameters of the module instead.")
             parameters = parameters.parameters()
-            use_ema_warmup = True
+            use_ema_warmup = True                  # (whatever was passed: diffusers' backward compatibility)
         if kwargs.get("max_value") is not None:
+            _deprecated("The `max_value` argument is deprecated. Please use `decay` instead.")
             decay = kwargs["max_value"]
         if kwargs.get("min_value") is not None:
+            _deprecated("The `min_value` argument is deprecated. Please use `min_decay` instead.")
             min_decay = kwargs["min_value"]
         S.check_power_args(decay, min_decay, inv_gamma, power, update_after_step)
         parameters = list(parameters)
         self.shadow_params = [p.clone().detach() for p in parameters]
         if kwargs.get("device") is not None:
+            _deprecated("The `device` argument is deprecated. Please use `to` instead.")
             self.to(device=kwargs["device"])
         self.temp_stored_params: list[torch.Tensor] | None = None
         self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
@@ -97,6 +114,8 @@ class EMAModel:
     @torch.no_grad()
     def step(self, parameters) -> None:
         if isinstance(parameters, nn.Module):
+            _deprecated("Passing a `torch.nn.Module` to `ExponentialMovingAverage.step` is deprecated. "
+                        "Please pass the parameters of the module instead.", frames=2)
             parameters = parameters.parameters()
         parameters = list(parameters)
         if len(parameters) != len(self.shadow_params):

@@ -3,6 +3,7 @@ of ``fastema.torch.compat`` against the packages themselves, over real training 
 import math
 import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -316,6 +317,38 @@ def test_diffusers_EMAModel_equals_the_original(kw):
     resumed.load_state_dict(theirs.state_dict())
     assert resumed.optimization_step == 60
     assert all(torch.equal(a, b) for a, b in zip(resumed.shadow_params, theirs.shadow_params))
+
+
+@pytest.mark.parametrize("use_ema_warmup", [False, True])
+def test_diffusers_EMAModel_warns_where_the_original_deprecates(use_ema_warmup):
+    """A module given to the constructor (which turns use_ema_warmup on, even over False) or to
+    step(), and max_value= / min_value= / device=, were taken silently; diffusers 0.42 raises a
+    FutureWarning for each. The same warnings, messages and settings now."""
+    training_utils = _diffusers()
+    seen = []
+    for cls in (training_utils.EMAModel, compat.EMAModel):
+        net = _net()
+        with pytest.warns(FutureWarning) as record:
+            ema = cls(net, use_ema_warmup=use_ema_warmup, max_value=0.9, min_value=0.1, device="cpu")
+            ema.step(net)
+        assert all(r.category is FutureWarning for r in record)
+        assert [r.filename == __file__ for r in record] == [cls is compat.EMAModel] * 5   # ours: the caller
+        seen.append(([str(r.message) for r in record], ema.use_ema_warmup, ema.decay, ema.min_decay,
+                     [s.clone() for s in ema.shadow_params]))
+    assert seen[1][0] == seen[0][0] == [
+        "Passing a `torch.nn.Module` to `ExponentialMovingAverage` is deprecated. Please pass the parameters of the "
+        "module instead.",
+        "The `max_value` argument is deprecated. Please use `decay` instead.",
+        "The `min_value` argument is deprecated. Please use `min_decay` instead.",
+        "The `device` argument is deprecated. Please use `to` instead.",
+        "Passing a `torch.nn.Module` to `ExponentialMovingAverage.step` is deprecated. Please pass the parameters "
+        "of the module instead."]
+    assert seen[1][1:4] == seen[0][1:4] == (True, 0.9, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][4], seen[1][4]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # parameters, decay, min_decay: no warning
+        ours = compat.EMAModel(_net().parameters(), decay=0.9, min_decay=0.1)
+        ours.step(_net().parameters())
 
 
 def test_diffusers_EMAModel_refuses_bad_state_and_devices_and_changes_nothing():
