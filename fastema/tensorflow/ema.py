@@ -163,6 +163,7 @@ class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
     def swapped(self) -> bool:
         return self._swap.swapped
 
+    @tf.autograph.experimental.do_not_convert      # graph code as written: AutoGraph would rewrite fastema's own
     def update(self, step: int | None = None) -> tf.Tensor | None:
         """Fold the variables' current values into the average (call after the optimizer step).
 

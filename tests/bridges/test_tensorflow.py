@@ -241,6 +241,26 @@ def test_a_tensorflow_tensor_of_strings_is_refused_and_the_process_lives():
     assert "REFUSED src has dtype string; fastema works on float32" in run.stdout, run.stdout
 
 
+
+def test_a_traced_update_with_a_step_tensor_leaves_autograph_nothing_to_warn_about(tmp_path):
+    """``ema.update(step=)`` inside a ``tf.function`` (the guide's pattern) had AutoGraph convert fastema's
+    own code and print "AutoGraph could not transform <function _integer_scalar> ... Please report this
+    to the TensorFlow team" (a walrus it cannot parse) on the first trace: fastema's graph code runs as
+    written (not converted). In a child process (AutoGraph warns once per function and process), from a
+    file (AutoGraph converts only a function whose source it can read: not ``python -c``'s)."""
+    code = ("import tensorflow as tf\nfrom fastema.tensorflow import EMA\n"
+            "w, step = tf.Variable(tf.zeros(3)), tf.Variable(0, dtype=tf.int64)\nema = EMA([w], decay=0.99)\n"
+            "@tf.function\ndef train_step():\n    w.assign_add(tf.ones(3)); step.assign_add(1)\n"
+            "    return ema.update(step=step)\n"
+            "train_step(); train_step()\n"
+            "print('UPDATES', ema.updates, [round(v, 6) for v in ema.averages()[0].numpy().tolist()])\n")
+    (tmp_path / "step.py").write_text(code)
+    run = subprocess.run([sys.executable, str(tmp_path / "step.py")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "UPDATES 2 [0.0299, 0.0299, 0.0299]" in run.stdout, run.stdout    # 0.99 * (0.99 * 0 + 0.01) + 0.01 * 2
+    assert "AutoGraph" not in run.stderr, run.stderr[-2000:]
+
 def test_nested_average_parameters_keeps_the_average_in():
     # reliability M4: an evaluation helper's own `with average_weights()` inside a swapped block
     model = MLP()
