@@ -61,7 +61,8 @@ class ModelEmaV3(AllOrNothingLoad):
                  warmup_power: float = 2 / 3, device=None, dtype=None, stochastic_rounding: bool = True,
                  stochastic_rounding_seed: int = 0, foreach: bool = True, exclude_buffers: bool = False):
         super().__init__()
-        S.check_power_args(decay, min_decay, warmup_gamma, warmup_power, update_after_step)
+        S.check_power_args(decay, min_decay, warmup_gamma, warmup_power, update_after_step,
+                           names=("decay", "min_decay", "warmup_gamma", "warmup_power", "update_after_step"))
         if isinstance(stochastic_rounding_seed, bool) or not isinstance(stochastic_rounding_seed, int) or \
                 not 0 <= stochastic_rounding_seed < 2 ** 64:
             raise ValueError(f"stochastic_rounding_seed must be an int in [0, 2**64), got "

@@ -253,6 +253,16 @@ def test_model_ema_v3_follows_replaced_parameters():
         compat.ModelEmaV3(model, device="meta")
 
 
+
+@pytest.mark.parametrize("bad, name", [(dict(warmup_gamma=-1.0), "warmup_gamma"),
+                                       (dict(warmup_power=0), "warmup_power")])
+def test_model_ema_v3_names_its_own_warmup_arguments_in_a_refusal(bad, name):
+    """timm's ``warmup_gamma`` / ``warmup_power`` were refused as ``inv_gamma`` / ``power`` (the checker's
+    own names), arguments ModelEmaV3 does not have."""
+    model, _ = model_and_data()
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite float > 0, got "):
+        compat.ModelEmaV3(model, decay=0.99, use_warmup=True, **bad)
+
 @pytest.fixture(params=["torch", "streamed"])
 def layout_checks(request):
     """The layout check of a cached pairing: torch's batched C++ guard, or fastema's streamed one."""
