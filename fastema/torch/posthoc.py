@@ -187,12 +187,13 @@ class PostHocEMA(EMA):
         """Refuse, at construction, model tensors no snapshot can store (sparse, quantized): every
         snapshot would fail on them. Other dtypes safetensors has no name for (complex, uint16, ...)
         are stored as their bytes."""
-        bad = [f"{n} ({t.layout}, {t.dtype})" for n, t in unwrap(self.model).state_dict(keep_vars=True).items()
-               if t.layout != torch.strided or t.is_quantized]
+        bad = [f"{n} ({t.layout}, {t.dtype})" if isinstance(t, torch.Tensor) else f"{n} (a {type(t).__name__}: "
+               f"a module's get_extra_state())" for n, t in unwrap(self.model).state_dict(keep_vars=True).items()
+               if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_quantized]
         if bad:
             raise TypeError(f"PostHocEMA cannot store {', '.join(bad[:3])} in its snapshots (a snapshot holds dense "
-                            f"tensors); keep such tensors out of the model's state_dict (a plain attribute, or a "
-                            f"non-persistent buffer)")
+                            f"tensors); keep such entries out of the model's state_dict (a plain attribute, a "
+                            f"non-persistent buffer, extra state as a tensor), or average with EMA")
 
     # ------------------------------------------------------------ updates and snapshots
 

@@ -733,3 +733,20 @@ def test_a_checkpoint_of_another_number_of_profiles_names_both_widths(tmp_path):
                                          r"sigma_rels=\[0.05, 0.1, 0.15\].*sigma_rels=\(0.05, 0.1\)"):
         three.load_state_dict(two.state_dict())
     assert three.updates == 0
+
+
+def test_a_module_whose_extra_state_is_no_tensor_is_refused_by_name_at_construction(tmp_path):
+    """A module's ``get_extra_state()`` returning a dict (torch's documented hook, kept as it is by
+    ``state_dict()``) failed construction with a foreign ``AttributeError: 'dict' object has no attribute
+    'layout'``. A snapshot holds tensors only: refused by name, saying what to do, nothing made."""
+    class WithExtra(nn.Linear):
+        def get_extra_state(self):
+            return {"seen": 3}
+
+        def set_extra_state(self, state):
+            pass
+
+    with pytest.raises(TypeError, match=r"PostHocEMA cannot store _extra_state \(a dict: a module's "
+                                        r"get_extra_state\(\)\) in its snapshots .* extra state as a tensor"):
+        PostHocEMA(WithExtra(3, 3), (0.05,), snapshot_every=2, path=tmp_path / "snaps")
+    assert not (tmp_path / "snaps").exists()
