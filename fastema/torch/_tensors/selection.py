@@ -97,6 +97,8 @@ def select(model: nn.Module, exclude: tuple, copy: tuple, buffers: str, trainabl
             if key is not None:
                 seen[key] = name
             if t.is_complex():
+                if kind == "buffer" and buffers == "ignore" and not any_matches(every, copy):
+                    continue                       # as TargetNetwork(buffers="ignore") leaves it
                 if not any_matches(every, copy):
                     raise TypeError(f"{kind} {name!r} is complex ({t.dtype}): fastema averages "
                                     "real floating tensors; list it in copy= to carry its "

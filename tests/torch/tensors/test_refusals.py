@@ -231,6 +231,30 @@ def test_complex_parameters_are_refused_unless_copied():
     assert torch.equal(sd["z"], m.z.detach()) and torch.equal(sd["w"], torch.ones(3))
 
 
+
+def test_a_complex_buffer_is_left_out_with_buffers_ignore_as_the_target_network_leaves_it():
+    """``buffers="ignore"`` refused a complex buffer, telling to copy= or exclude= it, where it leaves every
+    other floating buffer out (and ``TargetNetwork(buffers="ignore")`` leaves this one out). Left out:
+    exported as the model's own; a complex parameter is still refused."""
+    from fastema.torch import TargetNetwork
+
+    class C(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3))
+            self.register_buffer("c", torch.ones(3, dtype=torch.complex64))
+
+    m = C()
+    ema = EMA(m, 0.5, buffers="ignore")
+    moved(ema, m, 2.0)
+    sd = ema.averaged_state_dict()
+    assert torch.equal(sd["w"], torch.ones(3)) and torch.equal(sd["c"], m.c)
+    state = ema.state_dict()
+    assert "c" not in state["copied"] and "c" not in state["averaged"] and "c" not in state["int_buffers"]
+    TargetNetwork(C(), C(), tau=0.5, buffers="ignore").update()
+    with pytest.raises(TypeError, match="buffer 'c' is complex"):
+        EMA(C(), 0.5)
+
 @pytest.mark.parametrize("how", ["copy", "deepcopy"])
 def test_an_average_refuses_to_be_copied_and_says_how_to_make_another(how):
     # a copy kept the original's kernel tables (its buffers' and the model's addresses): the copy's
