@@ -216,6 +216,52 @@ def test_buffers_copy_average_ignore():
         assert counters == ((0, 1) if buffers == "ignore" else (1, 1)), buffers
 
 
+class _AliasedWeight(nn.Module):
+    """A buffer that is the weight itself (kept by copy.deepcopy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("alias", self.lin.weight)
+
+
+@pytest.mark.parametrize("buffers", ["copy", "average"])
+def test_a_buffer_aliasing_an_averaged_weight_is_averaged_once_not_copied_over_it(buffers):
+    """With buffers="copy" the aliasing buffer was copied from the online network over the average
+    after every lerp: the target equalled the online network."""
+    gen = torch.Generator().manual_seed(3)
+    online = _AliasedWeight()
+    target = copy.deepcopy(online)
+    assert target.alias.data_ptr() == target.lin.weight.data_ptr()
+    tn = TargetNetwork(online, target, tau=0.1, buffers=buffers)
+    assert tn.names["copied"] == [] and tn.names["averaged"] == ["lin.weight", "lin.bias", "alias"]
+    ref = target.lin.weight.detach().double().clone()
+    for _ in range(3):
+        with torch.no_grad():
+            online.lin.weight.add_(torch.randn(3, 3, generator=gen) * 0.1)
+        tn.update()
+        ref = 0.9 * ref + 0.1 * online.lin.weight.detach().double()
+    assert torch.allclose(target.lin.weight.double(), ref, rtol=0, atol=1e-6)
+    assert not torch.equal(target.lin.weight, online.lin.weight)
+
+
+def test_a_copied_buffer_over_averaged_memory_is_refused_by_name():
+    online = _AliasedWeight()
+    target = copy.deepcopy(online)
+    online.alias = torch.zeros(3)
+    target.alias = target.lin.weight.detach()[1]            # part of the target's weight, not the online's
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"the target's 'alias' \(a buffer copied.*shares memory with the "
+                                         r"target's 'lin.weight'.*exclude= the buffer"):
+        TargetNetwork(online, target)
+    target.register_buffer("alias", target.lin.weight)      # the target's alias, not the online's
+    online.alias = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"the target's 'alias' shares memory with its 'lin.weight' but the "
+                                         r"online network's 'alias' is not its 'lin.weight'"):
+        TargetNetwork(online, target, buffers="average")
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items() if k != "alias")
+
+
 @pytest.mark.parametrize("device_step", [False, True])      # True: the GPU default's device plan
 def test_skip_nonfinite_keeps_the_target(device_step):
     online, target = pair()

@@ -18,7 +18,7 @@ from ...pairs import PairShadow, pair_groups
 from .._sharding import params as _sharded
 from .follow import Followed
 from .hooks import any_matches, names_of, normalize_name, unwrap, watch
-from .slots import Slots, bump_versions, copy_unless_flagged_, device_name
+from .slots import Slots, bump_versions, copy_unless_flagged_, device_name, storage_key
 
 __all__ = ["TorchPairs"]
 
@@ -85,6 +85,8 @@ class _Selection:
         averaged: list = []
         copied: list = []
         ints: list = []
+        # the target's memory averaged -> its first name: a buffer aliasing it is averaged once
+        seen: dict = {}
         for name, (kind, src) in theirs.items():
             dst = mine[name][1]
             if (id(dst) in pieces) != (id(src) in pieces):
@@ -125,7 +127,19 @@ class _Selection:
                 raise TypeError(f"{name!r} is {src.dtype} -> {dst.dtype}: fastema's kernels take "
                                 "float32, bfloat16, float16 and float64; exclude= it. Nothing was "
                                 "written.")
-            (copied if kind == "buffer" and buffers == "copy" else averaged).append(name)
+            key = storage_key(local(dst))
+            if kind == "buffer" and buffers == "copy" and key not in seen:
+                copied.append(name)
+                continue
+            if key in seen and storage_key(local(theirs[seen[key]][1])) != storage_key(local(src)):
+                raise ValueError(f"the target's {name!r} shares memory with its {seen[key]!r} but the "
+                                 f"online network's {name!r} is not its {seen[key]!r}: one memory "
+                                 "cannot hold both; make the target a copy of the online network "
+                                 f"(copy.deepcopy(online)), or exclude= {name!r}. Nothing was written.")
+            # (the same memory again: averaged once, pair_groups keeps the pair once)
+            if key is not None:
+                seen.setdefault(key, name)
+            averaged.append(name)
         if not averaged:
             raise ValueError("the online network has no floating-point parameters to average "
                              "(check exclude=). Nothing was written.")
@@ -172,6 +186,13 @@ class _Selection:
                              "copy of its own (copy.deepcopy(online)). Nothing was written.")
         a, c = len(self.names[0]), len(self.names[0]) + len(self.names[1])
         dsts, srcs = self.labels
+        # a copied buffer must not write what is averaged (a buffer viewing part of a weight)
+        shared = _backends.first_shared(list(map(span, dst[:a])), list(map(span, dst[a:c])))
+        if shared is not None:
+            raise ValueError(f"{dsts[a + shared[1]]} (a buffer copied from the online network) shares memory "
+                             f"with {dsts[shared[0]]}, which is averaged: the copy would overwrite the "
+                             "average; make the target a copy of the online network (copy.deepcopy(online)), "
+                             "or exclude= the buffer. Nothing was written.")
         try:
             return (pair_groups(dst[:a], src[:a], (dsts[:a], srcs[:a])),
                     pair_groups(dst[a:c], src[a:c], (dsts[a:c], srcs[a:c])) if c > a else [], (dst[c:], src[c:]))
