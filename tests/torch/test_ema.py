@@ -561,6 +561,47 @@ def test_exclude_and_copy_select_a_tied_tensor_by_any_of_its_names():
         assert sorted(EMA(m, 0.5, copy=[pattern]).state_dict()["averaged"]) == ["0.bias", "1.bias"], pattern
 
 
+class _TaggedParameter(nn.Parameter):
+    """A plain Python subclass of nn.Parameter (a library's tagged parameter class)."""
+
+
+@pytest.mark.parametrize("kind", ["ema", "window"])
+def test_a_tie_of_a_parameter_subclass_exports_the_average_under_every_name(kind, tmp_path):
+    """storage_key() gave None for any type but Tensor and Parameter, so the tie's second name was
+    exported raw, and module() loaded the raw weight last into the tie (the average lost under both)."""
+    def make():
+        m = models.tied()
+        m.emb.weight = m.head.weight = _TaggedParameter(torch.randn(10, 4))
+        return m
+
+    torch.manual_seed(0)
+    m = make()
+    avg = EMA(m, 0.9) if kind == "ema" else WindowAverage(m, 2)
+    ref, seen = m.emb.weight.detach().double().clone(), []
+    for _ in range(3):
+        with torch.no_grad():
+            m.emb.weight.add_(torch.randn(10, 4) * 0.1)
+        avg.update()
+        ref = 0.9 * ref + 0.1 * m.emb.weight.detach().double()
+        seen.append(m.emb.weight.detach().double().clone())
+    want = ref if kind == "ema" else sum(seen[-2:]) / 2
+
+    def close(t):
+        return torch.allclose(t.detach().double(), want, rtol=0, atol=1e-6)
+
+    sd = avg.averaged_state_dict()
+    assert close(sd["emb.weight"]) and close(sd["head.weight"])
+    module = avg.module()
+    assert close(module.emb.weight) and module.head.weight is module.emb.weight
+    other = make()
+    avg.copy_to(other)
+    assert close(other.emb.weight) and close(other.head.weight)
+    avg.save(tmp_path / "avg.pt")
+    saved = torch.load(tmp_path / "avg.pt")
+    assert close(saved["emb.weight"]) and close(saved["head.weight"])
+    assert [n for n, _ in avg.iter_weights()] == ["emb.weight"] and close(dict(avg.iter_weights())["emb.weight"])
+
+
 # reliability review L1, L3-L5
 def test_exclude_and_copy_take_one_pattern_as_a_str():
     m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
