@@ -27,7 +27,7 @@ from .._sharding import params as _sharded
 from .follow import Followed
 from .hooks import any_matches, names_of, patterns, unsynced, unwrap, watch
 from .selection import Selection, frozen, resolve_trainable_only, select
-from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, tensors_of
+from .slots import Slots, copy_unless_flagged_, disjoint_groups, local_key, tensors_of, ties_of
 
 __all__ = ["TorchModel", "static"]
 
@@ -94,7 +94,8 @@ class TorchModel(Followed):
         # DTensors / ZeRO-3 / masters: local shards are tracked
         self.local_shards = bool(self.specs)
         # every name at construction: others are new (M4)
-        self.known = set(tensors_of(inner))
+        every = tensors_of(inner)
+        self.known = set(every)
         if not averaged:
             peft = " (True by default for a PEFT model)" if self.defaulted else ""
             frozen_too = (f", and trainable_only{peft}: no parameter has requires_grad=True)"
@@ -102,6 +103,8 @@ class TorchModel(Followed):
             raise ValueError("the model has no floating-point parameters to average (check "
                              "exclude= and copy=" + frozen_too)
         self.names = (list(averaged), list(copied))
+        # another name of a tracked tensor (a tie, an alias) -> the tracked name: it must stay tied
+        self.ties = ties_of(every, self.names[0] + self.names[1] + list(self.int_buffers))
         # name -> tensor: what the face's shadow is made of
         self.averaged = averaged
         self.zero3 = [p for p in inner.parameters() if _sharded.is_zero3(p)]
@@ -208,6 +211,7 @@ class TorchModel(Followed):
         module's tables changed."""
         inner = unwrap(self.model)
         now = tensors_of(inner)
+        self._refuse_untied(now)
         new = [n for n in now if n not in self.known]
         if not new:
             return
@@ -233,6 +237,30 @@ class TorchModel(Followed):
                              "update would leave them out and an export would carry their raw "
                              f"values as averages. Make a new {kind} of the changed model, or "
                              f"exclude= them (exclude={added[:3]!r}). Nothing was written.")
+
+    def _refuse_untied(self, now: dict) -> None:
+        """Refuse, naming it, another name of a tracked tensor at construction (a tie, a buffer aliasing
+        a parameter) that holds memory of its own now (``m.b.weight = nn.Parameter(...)``): an update
+        would leave it out and every export would carry its raw value. Fine where the export carries the
+        model's value anyway (an ignored buffer, a non-persistent one copied, a frozen parameter with
+        ``trainable_only``) and where it now shares another tracked tensor's memory. ``now``:
+        :func:`~fastema.torch._tensors.slots.tensors_of` the model."""
+        untied = [(n, first) for n, first in self.ties.items() if n in now and first in now and
+                  local_key(now[n][1]) != local_key(now[first][1])]
+        if not untied:
+            return
+        tracked = {local_key(now[n][1]) for n in self.names[0] + self.names[1] + list(self.int_buffers) if n in now}
+        inner = unwrap(self.model)
+        for n, first in untied:
+            kind, t, persistent = now[n]
+            if kind == "buffer" and (self.buffers == "ignore" or (not persistent and self.buffers == "copy")):
+                continue
+            if (self.trainable_only and frozen(inner, kind, n, t)) or local_key(t) in tracked:
+                continue
+            raise ValueError(f"{n!r} no longer shares its memory with {first!r} (untied after "
+                             f"{self.kind}(model)): an update would leave it out and an export would "
+                             f"carry its raw value as the average. Make a new {self.kind} of the model "
+                             f"(exclude={n!r} to leave it out). Nothing was written.")
 
     def follow(self) -> bool:
         """Before reading or writing the model: follow re-registered or moved tensors (or refuse

@@ -28,7 +28,7 @@ from .._sharding import params as _sharded
 from .hooks import HOOKS, tables_changed, tables_of
 
 __all__ = ["DATA_PTR", "Slots", "bump_versions", "copy_unless_flagged_", "device_name", "disjoint_groups",
-           "local_key", "storage_key", "tensors_of"]
+           "local_key", "storage_key", "tensors_of", "ties_of"]
 
 DATA_PTR = torch.Tensor.data_ptr                 # a tensor's address (unsharded tensors)
 
@@ -218,6 +218,20 @@ def tensors_of(model: nn.Module) -> dict:
             if b is not None:
                 out[pre + k] = ("buffer", b, k not in m._non_persistent_buffers_set)
     return out
+
+
+def ties_of(every: dict, tracked: list) -> dict:
+    """``name -> tracked name`` of every other name in ``every`` (:func:`tensors_of` a model) of a
+    ``tracked`` tensor's memory (a tie, a buffer aliasing a parameter): the names a relook checks
+    are still tied."""
+    first: dict = {}
+    for n in tracked:
+        key = local_key(every[n][1]) if n in every else None
+        if key is not None:
+            first.setdefault(key, n)
+    names = set(tracked)
+    return {n: first[key] for n, (_, t, _) in every.items()
+            if n not in names and (key := local_key(t)) is not None and key in first}
 
 
 bump_versions = _versions.bump_versions()

@@ -10,7 +10,7 @@ import torch
 from models import mlp, moved, tied
 from torch import nn
 
-from fastema.torch import EMA
+from fastema.torch import EMA, WindowAverage
 
 # ------------------------------------------------------------------ new layers, new tensors, moved or cast
 
@@ -164,6 +164,60 @@ def test_tied_weights_export_the_average_under_every_name(tmp_path):
     other = tied()
     ema.copy_to(other)
     assert torch.equal(other.head.weight, average)
+
+
+class _AliasBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("alias", self.lin.weight.data)          # the weight's memory under a buffer's name
+
+
+UNTIE = {"tie, EMA": (tied, lambda m: EMA(m, 0.9), "head.weight", "emb.weight",
+                      lambda m: setattr(m.head, "weight", nn.Parameter(m.emb.weight.detach().clone()))),
+         "tie, WindowAverage": (tied, lambda m: WindowAverage(m, 2), "head.weight", "emb.weight",
+                                lambda m: setattr(m.head, "weight", nn.Parameter(m.emb.weight.detach().clone()))),
+         "alias, buffers=average": (_AliasBuffer, lambda m: EMA(m, 0.9, buffers="average"), "alias", "lin.weight",
+                                    lambda m: setattr(m, "alias", m.alias.clone())),
+         "alias, buffers=copy": (_AliasBuffer, lambda m: EMA(m, 0.9), "alias", "lin.weight",
+                                 lambda m: setattr(m, "alias", m.alias.clone()))}
+
+
+@pytest.mark.parametrize("case", sorted(UNTIE))
+def test_a_tie_broken_after_construction_is_refused_by_name_and_nothing_changes(case):
+    """The tie's second name was in the names known at construction, so no relook looked at it: updates
+    went on and every export (average_parameters() too) carried its raw value as the average."""
+    make, average_of, name, first, untie = UNTIE[case]
+    model = make()
+    avg = average_of(model)
+    avg.update()
+    untie(model)
+    before, calls = {k: v.clone() for k, v in avg.state_dict()["averaged"].items()}, avg.calls
+    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for call in (avg.update, avg.averaged_state_dict, avg.module, lambda: avg.average_parameters().__enter__()):
+        with pytest.raises(ValueError, match=rf"'{name}' no longer shares its memory with '{first}' \(untied after "
+                                             rf"(EMA|WindowAverage)\(model\)\).*Make a new.*exclude='{name}'"):
+            call()
+    assert avg.calls == calls and not avg.swapped
+    assert all(torch.equal(v, before[k]) for k, v in avg.state_dict()["averaged"].items())
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+
+
+def test_a_tie_made_again_or_an_ignored_alias_untied_is_fine():
+    model = tied()
+    ema = EMA(model, 0.5)
+    old = model.emb.weight.detach().double()
+    model.emb.weight = nn.Parameter(model.emb.weight.detach() + 1)  # load_state_dict(assign=True), then tie_weights()
+    model.head.weight = model.emb.weight
+    ema.update()
+    sd = ema.averaged_state_dict()
+    assert torch.equal(sd["head.weight"], sd["emb.weight"])
+    assert torch.allclose(sd["head.weight"].double(), old + 0.5, rtol=0, atol=1e-6)
+    model = _AliasBuffer()
+    ignoring = EMA(model, 0.5, buffers="ignore")
+    model.alias = model.alias.clone()                                # ignored buffers export the model's own
+    ignoring.update()
+    assert torch.equal(ignoring.averaged_state_dict()["alias"], model.alias)
 
 
 # ------------------------------------------------------------------ H3, L6: replaced or reshaped parameters
