@@ -602,6 +602,49 @@ def test_a_tie_of_a_parameter_subclass_exports_the_average_under_every_name(kind
     assert [n for n, _ in avg.iter_weights()] == ["emb.weight"] and close(dict(avg.iter_weights())["emb.weight"])
 
 
+class _WithExtraState(nn.Module):
+    """torch's documented hook for state that is not a tensor (FP8 scaling metadata, a config dict)."""
+
+    def __init__(self, meta):
+        super().__init__()
+        self.lin, self.meta = nn.Linear(3, 3), meta
+
+    def get_extra_state(self):
+        return self.meta
+
+    def set_extra_state(self, state):
+        self.meta = state
+
+
+@pytest.mark.parametrize("kind", ["ema", "window"])
+def test_extra_state_that_is_not_a_tensor_passes_through_state_dicts_and_leaves_the_streams(kind, tmp_path):
+    """Every export raised AttributeError ('dict' object has no attribute 'numel') from the storage-key
+    lookup: the state dicts carry it as model.state_dict() does, a .pt save pickles it, a .safetensors
+    save is refused by name, and the tensor streams leave it out."""
+    torch.manual_seed(0)
+    m = _WithExtraState({"scale": 2.0, "step": 7})
+    avg = EMA(m, 0.5) if kind == "ema" else WindowAverage(m, 2)
+    moved(avg, m)
+    want = {"lin.weight": m.lin.weight.detach() - 0.5,                     # (moved: the average is 0.5 behind)
+            "lin.bias": m.lin.bias.detach() - 0.5}
+    for sd in (avg.averaged_state_dict(), avg.full_state_dict()):
+        assert sd["_extra_state"] == {"scale": 2.0, "step": 7} and sd.keys() == m.state_dict().keys()
+        assert all(torch.allclose(sd[k], v, rtol=0, atol=1e-6) for k, v in want.items())
+    assert avg.module().meta == {"scale": 2.0, "step": 7}
+    other = _WithExtraState(None)
+    avg.copy_to(other)
+    assert other.meta == {"scale": 2.0, "step": 7} and torch.allclose(other.lin.bias, want["lin.bias"], atol=1e-6)
+    avg.save(tmp_path / "avg.pt")
+    saved = torch.load(tmp_path / "avg.pt", weights_only=True)
+    assert saved["_extra_state"] == {"scale": 2.0, "step": 7} and list(saved) == list(m.state_dict())
+    assert all(torch.allclose(saved[k], v, rtol=0, atol=1e-6) for k, v in want.items())
+    with pytest.raises(TypeError, match=r"'_extra_state' is a module's extra state .*dict.*safetensors.*\.pt path"):
+        avg.save(tmp_path / "avg.safetensors")
+    assert not (tmp_path / "avg.safetensors").exists()
+    assert [n for n, _ in avg.iter_weights()] == ["lin.weight", "lin.bias"]
+    assert [w.name for w in avg.weights_metadata()] == ["lin.weight", "lin.bias"]
+
+
 # reliability review L1, L3-L5
 def test_exclude_and_copy_take_one_pattern_as_a_str():
     m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))

@@ -262,6 +262,31 @@ def test_a_copied_buffer_over_averaged_memory_is_refused_by_name():
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items() if k != "alias")
 
 
+def test_the_streams_leave_out_extra_state_that_is_not_a_tensor():
+    """get_extra_state() returning a dict: iter_weights() and weights_metadata() raised AttributeError
+    ('dict' object has no attribute 'dtype'); they are tensors only and leave it out."""
+    class WithExtraState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def get_extra_state(self):
+            return {"scale": 2.0}
+
+        def set_extra_state(self, state):
+            pass
+
+    online = WithExtraState()
+    target = copy.deepcopy(online)
+    tn = TargetNetwork(online, target, tau=0.5)
+    with torch.no_grad():
+        online.lin.weight.add_(1.0)
+    tn.update()
+    streamed = dict(tn.iter_weights())
+    assert list(streamed) == ["lin.weight", "lin.bias"] == [w.name for w in tn.weights_metadata()]
+    assert torch.equal(streamed["lin.weight"], target.lin.weight) and "_extra_state" in target.state_dict()
+
+
 @pytest.mark.parametrize("device_step", [False, True])      # True: the GPU default's device plan
 def test_skip_nonfinite_keeps_the_target(device_step):
     online, target = pair()

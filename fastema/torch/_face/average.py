@@ -16,13 +16,13 @@ from typing import ContextManager, Literal
 import torch
 from torch import nn
 
-from ..._interrupts import ctrl_c_held
 from ..._shadow import Shadow
 from ...average import ModelSwap
 from .._sharding import masters as _deepspeed
 from .._sharding import params as _sharded
 from .._state.agree import Read
 from .._state.checkpoint import TorchCheckpoint
+from .._state.entries import load_into
 from .._state.peft import export_peft
 from .._state.stream import DEFAULT_BUCKET, Ranks, Stream, WeightMeta, average_meta, average_stream
 from .._tensors.hooks import unwrap
@@ -207,17 +207,7 @@ class TorchAverage(TorchFace):
             state = self.full_state_dict(row, allow_nonfinite=allow_nonfinite)   # collective
         else:
             state = self.averaged_state_dict(row, allow_nonfinite=allow_nonfinite)
-        theirs = target.state_dict(keep_vars=True)
-        missing = [k for k in theirs if k not in state]
-        extra = [k for k in state if k not in theirs]
-        wrong = [f"{k}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}" for k, a in state.items()
-                 if k in theirs and ((b := theirs[k]).shape, b.dtype) != (a.shape, a.dtype)]   # (load: a cast)
-        if missing or extra or wrong:
-            raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied. Copy "
-                             f"into a model like it (to cast: model.load_state_dict(average.averaged_state_dict()))")
-        with ctrl_c_held():
-            target.load_state_dict(state, strict=True)
+        load_into(target, state)
 
     def join(self) -> None:
         """Wait for the updates still running (``offload="cpu"``: the host folds) and re-raise an
@@ -270,9 +260,11 @@ class TorchAverage(TorchFace):
     def averaged_state_dict(self, row: int = 0, *,
                             allow_nonfinite: bool | None = None) -> dict[str, torch.Tensor]:
         """A model-style state dict of the averaged weights (the model's dtypes, names and layouts;
-        DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name
-        of a tied or aliased tensor gets its average. An average holding inf or NaN is refused
-        (:attr:`allow_nonfinite`; on a sharded average the ranks agree on it: a collective)."""
+        DDP / torch.compile prefixes stripped): what ``model.load_state_dict`` takes. Every name of
+        a tied or aliased tensor gets its average; a module's extra state that is not a tensor
+        (``get_extra_state()``'s dict) is as ``model.state_dict()`` gives it. An average holding inf
+        or NaN is refused (:attr:`allow_nonfinite`; on a sharded average the ranks agree on it: a
+        collective)."""
         with self._checkpoint.nonfinite.allowing(allow_nonfinite):
             return self._checkpoint.averaged_state_dict(row)
 
@@ -300,7 +292,9 @@ class TorchAverage(TorchFace):
         export overwrites), equal to ``full_state_dict(row)[name].to(dtype)`` bit for bit, on the
         model's device. A tied tensor (several names of one tensor) is yielded once, under its first
         name (:meth:`weights_metadata` lists the same names); tensors not averaged (``exclude=``,
-        integer buffers) are the model's values, as in :meth:`full_state_dict`.
+        integer buffers) are the model's values, as in :meth:`full_state_dict`. Tensors only: a
+        module's extra state that is not a tensor (``get_extra_state()``'s dict or int) is left out
+        here and in :meth:`weights_metadata`.
 
         On a split average (``shard_replicas``) the tensors are read bucket by bucket: each rank's
         pieces, in this order, cut into buckets of at most ``bucket_bytes``, one broadcast from the
@@ -387,17 +381,19 @@ class TorchAverage(TorchFace):
              allow_nonfinite: bool | None = None) -> None:
         """Write the averaged weights as a model checkpoint, atomically (temporary file, then rename).
 
-        ``model.load_state_dict(torch.load(path))`` loads it. Both formats are streamed: each tensor is
-        converted to the model's dtype and copied to the host in turn, so peak memory is one tensor. A
-        ``.safetensors`` path is read by ``safetensors.torch.load_file``; any other path gets
-        ``torch.save``'s format (the file ``torch.save`` writes of the host copies, written by torch's own
-        serializer, each record from its tensor as it is written). The file gets the mode ``torch.save`` would
-        give it (0666 less the umask); temporary files left by a save that was killed are removed by
-        the next save to the same path. On a sharded average it is a collective: every rank gathers the
-        full tensors one at a time (see :meth:`full_state_dict`), the first rank of the average's group
-        (global rank 0 for an average over every rank) keeps host copies of
-        them (the full model in its host memory) and writes the file. An average holding inf or NaN
-        is refused (:attr:`allow_nonfinite`).
+        ``model.load_state_dict(torch.load(path))`` loads it. Both formats are streamed: each tensor
+        is converted to the model's dtype and copied to the host in turn, so peak memory is one
+        tensor. A ``.safetensors`` path is read by ``safetensors.torch.load_file``; any other path
+        gets ``torch.save``'s format (the file ``torch.save`` writes of the host copies, written by
+        torch's own serializer, each record from its tensor as it is written), with a module's extra
+        state that is not a tensor as ``model.state_dict()`` gives it (refused by name for a
+        ``.safetensors`` path). The file gets the mode ``torch.save`` would give it (0666 less the
+        umask); temporary files left by a save that was killed are removed by the next save to the
+        same path. On a sharded average it is a collective: every rank gathers the full tensors one
+        at a time (see :meth:`full_state_dict`), the first rank of the average's group (global rank
+        0 for an average over every rank) keeps host copies of them (the full model in its host
+        memory) and writes the file. An average holding inf or NaN is refused
+        (:attr:`allow_nonfinite`).
         """
         with self._checkpoint.nonfinite.allowing(allow_nonfinite):
             self._checkpoint.save(path, row)

@@ -33,7 +33,7 @@ from .._tensors.hooks import match_names, unwrap
 from .._tensors.slots import local_key
 from .agree import Agreement, Read, load_stamp
 from .dcp_calls import loading
-from .entries import global_shape, lands_as_saved, lands_finite, local_part, staged
+from .entries import global_shape, lands_as_saved, lands_finite, local_part, refuse_extra_state, staged
 from .nonfinite import RECORD, NonFinite, named
 from .slices import full_entry
 
@@ -119,8 +119,8 @@ class TorchCheckpoint:
             self.nonfinite.refuse("averaged_state_dict()", row)
         out = {}
         for name, t, source, value in entries:
-            if source is None:
-                out[name] = t.detach().clone()             # excluded: the model's own value
+            if source is None:                             # excluded: the model's own value (extra state: as is)
+                out[name] = t.detach().clone() if isinstance(t, torch.Tensor) else t
             elif source in specs:                          # a sharded average: this rank's part, as a DTensor
                 out[name] = _sharded.wrap(value().to(t.dtype, copy=True), specs[source])
             else:
@@ -150,8 +150,11 @@ class TorchCheckpoint:
         own: dict[str, torch.Tensor] = dict(inner.named_parameters(remove_duplicate=False))
         own.update(inner.named_buffers(remove_duplicate=False))
         by_key = {local_key(own[n]): n for n in tracked if n in own and local_key(own[n]) is not None}
-        out = []
+        out: list = []
         for name, t in inner.state_dict(keep_vars=True).items():
+            if not isinstance(t, torch.Tensor):        # a module's extra state (get_extra_state()): as it is
+                out.append((name, t, None, None))
+                continue
             source = name if name in tracked else by_key.get(local_key(t))
             out.append((name, t, source, None if source is None else tracked[source]))
         return out
@@ -198,6 +201,9 @@ class TorchCheckpoint:
                     take(name, value)
             finally:
                 stream.close()                   # the rest read (a collective read's), nothing kept
+            for name, extra in unwrap(self.side.model).state_dict().items():
+                if not isinstance(extra, torch.Tensor):       # a module's extra state: as it is, not streamed
+                    take(name, extra)
             if then is not None:
                 then()
 
@@ -404,6 +410,7 @@ class TorchCheckpoint:
         def write() -> None:
             target: str = checked[0]
             if target.lower().endswith(".safetensors"):
+                refuse_extra_state(tensors, target)
                 _atomic_write(target, lambda f: stream_safetensors(f, tensors, {"format": "pt"}))
             else:                          # torch.save's format, one host copy at a time
                 _atomic_write(target, lambda f: stream_torch_save(f, tensors))
@@ -412,15 +419,15 @@ class TorchCheckpoint:
             first = self.writer()          # keeps and writes; a file it cannot write: all raise
 
             def take(name: str, value: torch.Tensor) -> None:
-                if first:
-                    tensors[name] = (value.to("cpu"), value.dtype)     # a fresh copy: moved, not copied again
+                if first:                  # a fresh copy: moved, not copied again (extra state: as it is)
+                    tensors[name] = (value.to("cpu"), value.dtype) if isinstance(value, torch.Tensor) else (value, None)
 
             self.whole_read(Read("save()", row=row), take, functools.partial(check, first), write if first else None)
             return
         check()                            # every check first; values read as the file is written
         self.swap.refuse("save()")
-        tensors.update({name: (t.detach() if value is None else value(), t.dtype)
-                        for name, t, _, value in self.entries(row)})
+        tensors.update({name: (t.detach() if value is None else value(), t.dtype) if isinstance(t, torch.Tensor)
+                        else (t, None) for name, t, _, value in self.entries(row)})
         self.nonfinite.refuse("save()", row)
         write()
 

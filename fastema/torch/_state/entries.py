@@ -9,14 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from ..._interrupts import ctrl_c_held
 from .._sharding import params as _sharded
 from .slices import SplitEntry, piece_of_slices, slices
 
 if TYPE_CHECKING:
     from .._tensors.model import TorchModel
 
-__all__ = ["global_shape", "global_view", "local_part", "staged"]
+__all__ = ["global_shape", "global_view", "load_into", "local_part", "refuse_extra_state", "staged"]
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -105,3 +107,33 @@ def lands_as_saved(what: str, value: torch.Tensor, dtype: torch.dtype) -> str | 
     elif not lands_finite(value[torch.isfinite(value)], dtype):   # (its own inf and NaN land as they are)
         return f"{what} holds values beyond {str(dtype).replace('torch.', '')}'s range (they would load as inf)"
     return None
+
+
+def refuse_extra_state(tensors: dict, path: str) -> None:
+    """Refuse, naming it, a module's extra state (not a tensor) among ``tensors`` (``name -> (value, dtype)``,
+    dtype None for one) for a safetensors file, which holds tensors only; nothing is written."""
+    extra = [n for n, (_, dtype) in tensors.items() if dtype is None]
+    if extra:
+        raise TypeError(f"{extra[0]!r} is a module's extra state (get_extra_state(): "
+                        f"{type(tensors[extra[0]][0]).__name__}), which a safetensors file ({path!r}) cannot "
+                        "hold: save to a .pt path (torch.save's format holds it), or write the tensors "
+                        "yourself (averaged_state_dict() without it). Nothing was written.")
+
+
+def load_into(target: nn.Module, state: dict) -> None:
+    """``copy_to(other)``'s load: every key, shape and dtype of ``state`` (an average's state dict)
+    checked against ``target``'s (a module's extra state that is not a tensor is its
+    ``set_extra_state()``'s to take), then loaded strictly, a Ctrl-C held until all of it is in; a
+    mismatch raises before a tensor is written."""
+    theirs = target.state_dict(keep_vars=True)
+    missing = [k for k in theirs if k not in state]
+    extra = [k for k in state if k not in theirs]
+    wrong = [f"{k}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}" for k, a in state.items()
+             if k in theirs and isinstance(a, torch.Tensor) and isinstance(b := theirs[k], torch.Tensor)
+             and (b.shape, b.dtype) != (a.shape, a.dtype)]   # (load: a cast)
+    if missing or extra or wrong:
+        raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied. Copy "
+                         f"into a model like it (to cast: model.load_state_dict(average.averaged_state_dict()))")
+    with ctrl_c_held():
+        target.load_state_dict(state, strict=True)

@@ -20,6 +20,9 @@ a stream (vLLM's ``WeightSource``, SGLang's buckets, TRL's and verl's loops):
 - each floating tensor is cast to the wire ``dtype`` on the way (from the model's dtype: a streamed
   tensor is ``full_state_dict()[name].to(dtype)`` bit for bit); integer tensors never;
 - a tied tensor (several state-dict names of one tensor) is yielded once, under its first name;
+- a module's extra state that is not a tensor (``get_extra_state()`` returning a dict, an int) is
+  left out: the stream and its metadata are tensors only (``averaged_state_dict()`` and ``save()``
+  to a ``.pt`` file hold it, as ``model.state_dict()`` gives it);
 - it is a collective where the average is sharded or split: every rank iterates it, in the same
   order, and the ranks of ``to`` keep what is gathered (the others' iterators yield nothing). The
   ranks agree first, in the exchange every gathering read makes (:mod:`.agree`): a rank that skipped
@@ -48,7 +51,7 @@ TorchCheckpoint = Any       # .checkpoint.TorchCheckpoint, which reads through t
 
 __all__ = ["DEFAULT_BUCKET", "Ranks", "Stream", "WeightMeta", "average_meta", "average_stream", "check_stream",
            "receives", "synthesized_meta", "synthesized_order", "synthesized_stream", "target_meta", "target_stream",
-           "tied_once"]
+           "tensors_only", "tied_once"]
 
 DEFAULT_BUCKET = 256 << 20        # bytes of one bucket read (TRL's 256 MB)
 Stream = Iterator[tuple[str, torch.Tensor]]        # what iter_weights() returns
@@ -108,12 +111,18 @@ def _shape(t) -> torch.Size:
     return torch.Size(ds_shape) if ds_shape is not None else torch.Size(t.shape)
 
 
+def tensors_only(entries: list) -> list:
+    """``entries`` (``(name, model tensor, source, value)``) without a module's extra state that is not a
+    tensor (``get_extra_state()``'s dict or int): a stream is tensors only."""
+    return [e for e in entries if isinstance(e[1], torch.Tensor)]
+
+
 def tied_once(entries: list) -> list:
     """``entries`` (``(name, model tensor, source, value)``) with each tied tensor once, under its first
-    name: one tracked source, or one model tensor where nothing tracks it."""
+    name: one tracked source, or one model tensor where nothing tracks it; tensors only (:func:`tensors_only`)."""
     seen: set = set()
     out = []
-    for e in entries:
+    for e in tensors_only(entries):
         key = ("source", e[2]) if e[2] is not None else ("tensor", id(e[1]))
         if key not in seen:
             seen.add(key)
@@ -168,7 +177,7 @@ def average_stream(ckpt: TorchCheckpoint, read: Read, dtype, bucket_bytes: int |
             check()                                    # the caller's argument checks: inside, never a hang
         box.append(check_stream(dtype, bucket_bytes, to))
         ckpt.swap.refuse(what)
-        entries = ckpt.entries(row)
+        entries = tensors_only(ckpt.entries(row))
         ckpt.nonfinite.refuse(what, row)               # inf or NaN: refused on every rank (agreed)
         items = _items(ckpt, entries if whole else tied_once(entries), dtype, whole)
         reads = BucketReads(items, bucket_bytes)
