@@ -302,8 +302,17 @@ class TorchModel(Followed):
         wanted = self.names[0] + self.names[1] + list(self.int_buffers)
         missing = [n for n in wanted if n not in named]
         if missing:
-            raise ValueError(f"the model no longer has {missing[:5]} (it changed after "
-                             "EMA(model)); make a new EMA for the new model. Nothing was updated.")
+            every, first = tensors_of(inner), {id(t): n for n, t in named.items()}
+            # still there, under a name listed first (tied to it)
+            tied = [(n, first[id(every[n][1])]) for n in missing
+                    if n in every and id(every[n][1]) in first]
+            kind = self.kind
+            if tied:
+                raise ValueError(f"{tied[0][0]!r} now shares its memory with {tied[0][1]!r} (tied "
+                                 f"after {kind}(model)), which this average tracks apart; make a "
+                                 f"new {kind} of the tied model. Nothing was updated.")
+            raise ValueError(f"the model no longer has {missing[:5]} (it changed after {kind}(model)); "
+                             f"make a new {kind} for the new model. Nothing was updated.")
         specs = {}
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):

@@ -203,6 +203,19 @@ def test_a_tie_broken_after_construction_is_refused_by_name_and_nothing_changes(
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", [EMA, WindowAverage])
+def test_two_tracked_parameters_tied_after_construction_are_named_as_tied_not_missing(kind):
+    """The refusal said "the model no longer has ['1.weight']", a name the model still has."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    avg = kind(model, 0.9) if kind is EMA else kind(model, 2)
+    before = {k: v.clone() for k, v in avg.state_dict()["averaged"].items()}
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match=rf"'1.weight' now shares its memory with '0.weight' \(tied after "
+                                         rf"{kind.__name__}\(model\)\).*make a new {kind.__name__}"):
+        avg.update()
+    assert all(torch.equal(v, before[k]) for k, v in avg.state_dict()["averaged"].items()) and avg.calls == 0
+
+
 def test_a_tie_made_again_or_an_ignored_alias_untied_is_fine():
     model = tied()
     ema = EMA(model, 0.5)
