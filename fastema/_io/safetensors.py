@@ -137,8 +137,8 @@ def stream_safetensors(f, tensors: dict, meta: dict, *, checksums: str | None = 
 
 
 def stream_torch_save(f, tensors: dict) -> None:
-    """Write ``tensors`` (``name -> (tensor, dtype)``, on any device; ``(object, None)``: an object pickled as it
-    is, a module's extra state) to ``f`` as ``torch.save`` writes
+    """Write ``tensors`` (``name -> (tensor, dtype)``, on any device; ``(object, None)``: an object
+    pickled as it is, a module's extra state) to ``f`` as ``torch.save`` writes
     ``{name: tensor.to("cpu", dtype, copy=True).contiguous()}`` (the same records, byte for byte), but
     converting and copying one tensor at a time, when torch writes its record: peak memory is the
     largest tensor, not the dict. torch's own writer does it all: it pickles stand-ins (``torch.empty``
@@ -151,7 +151,7 @@ def stream_torch_save(f, tensors: dict) -> None:
     ser = torch.serialization
     save, opener = getattr(ser, "_save", None), getattr(ser, "_open_zipfile_writer", None)
     if save is None or opener is None:
-        torch.save({k: t.detach().to("cpu", dtype, copy=True).contiguous() if dtype is not None else t
+        torch.save({k: t if dtype is None else t.detach().to("cpu", dtype, copy=True).contiguous()
                     for k, (t, dtype) in tensors.items()}, f)
         return
     stand_ins, sources = {}, {}
@@ -162,8 +162,8 @@ def stream_torch_save(f, tensors: dict) -> None:
         stand_ins[name] = s = torch.empty(tuple(t.shape), dtype=dtype)
         if s.numel():
             sources[s.data_ptr()] = (t, dtype)
-    largest = max((s.numel() * s.element_size() for n, s in stand_ins.items() if tensors[n][1] is not None),
-                  default=0)
+    largest = max((s.numel() * s.element_size() for n, s in stand_ins.items()
+                   if tensors[n][1] is not None), default=0)
     with opener(f) as writer:
         save(stand_ins, _FromSources(writer, sources, largest), pickle, ser.DEFAULT_PROTOCOL, False)
 

@@ -291,15 +291,15 @@ class TargetNetwork(Face, TorchFace):
 
     def iter_weights(self, row: int = 0, *, dtype: torch.dtype | None = None, bucket_bytes: int = DEFAULT_BUCKET,
                      to: Ranks = "all") -> Stream:
-        """The target's weights streamed out as ``(name, tensor)`` in its ``state_dict()`` order (see
-        :meth:`fastema.torch.EMA.iter_weights`): fresh full tensors (never views of the target, which
-        the next ``update()`` writes), floating ones cast to ``dtype``, each tied tensor once (its first
-        name); tensors only (a module's extra state that is not a tensor, ``get_extra_state()``'s dict,
-        is left out, here and in :meth:`weights_metadata`). A sharded target (FSDP2, tensor parallel,
-        HSDP) is gathered one ``full_tensor()`` a parameter: a collective, which every rank calls and
-        iterates (the ranks not in ``to`` get nothing; one closed early reads the rest), after the
-        ranks agree (a rank that skipped an ``update()`` or a :meth:`hard_update`, or refuses, makes
-        every rank raise). ``row`` must be 0 (one average);
+        """The target's weights streamed out as ``(name, tensor)`` in its ``state_dict()`` order
+        (see :meth:`fastema.torch.EMA.iter_weights`): fresh full tensors (never views of the target,
+        which the next ``update()`` writes), floating ones cast to ``dtype``, each tied tensor once
+        (its first name); tensors only (a module's extra state that is not a tensor,
+        ``get_extra_state()``'s dict, is left out, here and in :meth:`weights_metadata`). A sharded
+        target (FSDP2, tensor parallel, HSDP) is gathered one ``full_tensor()`` a parameter: a
+        collective, which every rank calls and iterates (the ranks not in ``to`` get nothing; one
+        closed early reads the rest), after the ranks agree (a rank that skipped an ``update()`` or
+        a :meth:`hard_update`, or refuses, makes every rank raise). ``row`` must be 0 (one average);
         ``bucket_bytes`` is checked and kept for symmetry with the other averages (nothing here is
         bucketed)."""
         def calls(replayed: bool | None = False) -> int:     # as the EMA's (contract.model_parts)

@@ -119,7 +119,7 @@ class TorchCheckpoint:
             self.nonfinite.refuse("averaged_state_dict()", row)
         out = {}
         for name, t, source, value in entries:
-            if source is None:                             # excluded: the model's own value (extra state: as is)
+            if source is None:                  # excluded: the model's own (extra state: as is)
                 out[name] = t.detach().clone() if isinstance(t, torch.Tensor) else t
             elif source in specs:                          # a sharded average: this rank's part, as a DTensor
                 out[name] = _sharded.wrap(value().to(t.dtype, copy=True), specs[source])
@@ -152,7 +152,7 @@ class TorchCheckpoint:
         by_key = {local_key(own[n]): n for n in tracked if n in own and local_key(own[n]) is not None}
         out: list = []
         for name, t in inner.state_dict(keep_vars=True).items():
-            if not isinstance(t, torch.Tensor):        # a module's extra state (get_extra_state()): as it is
+            if not isinstance(t, torch.Tensor):        # a module's extra state: as it is
                 out.append((name, t, None, None))
                 continue
             source = name if name in tracked else by_key.get(local_key(t))
@@ -202,7 +202,7 @@ class TorchCheckpoint:
             finally:
                 stream.close()                   # the rest read (a collective read's), nothing kept
             for name, extra in unwrap(self.side.model).state_dict().items():
-                if not isinstance(extra, torch.Tensor):       # a module's extra state: as it is, not streamed
+                if not isinstance(extra, torch.Tensor):     # extra state: as it is, not streamed
                     take(name, extra)
             if then is not None:
                 then()
@@ -419,7 +419,7 @@ class TorchCheckpoint:
             first = self.writer()          # keeps and writes; a file it cannot write: all raise
 
             def take(name: str, value: torch.Tensor) -> None:
-                if first:                  # a fresh copy: moved, not copied again (extra state: as it is)
+                if first:                  # a fresh copy: moved, not copied (extra state: as it is)
                     tensors[name] = (value.to("cpu"), value.dtype) if isinstance(value, torch.Tensor) else (value, None)
 
             self.whole_read(Read("save()", row=row), take, functools.partial(check, first), write if first else None)

@@ -110,14 +110,16 @@ def lands_as_saved(what: str, value: torch.Tensor, dtype: torch.dtype) -> str | 
 
 
 def refuse_extra_state(tensors: dict, path: str) -> None:
-    """Refuse, naming it, a module's extra state (not a tensor) among ``tensors`` (``name -> (value, dtype)``,
-    dtype None for one) for a safetensors file, which holds tensors only; nothing is written."""
+    """Refuse, naming it, a module's extra state (not a tensor) among ``tensors`` (``name ->
+    (value, dtype)``, dtype None for one) for a safetensors file, which holds tensors only; nothing
+    is written."""
     extra = [n for n, (_, dtype) in tensors.items() if dtype is None]
     if extra:
-        raise TypeError(f"{extra[0]!r} is a module's extra state (get_extra_state(): "
-                        f"{type(tensors[extra[0]][0]).__name__}), which a safetensors file ({path!r}) cannot "
-                        "hold: save to a .pt path (torch.save's format holds it), or write the tensors "
-                        "yourself (averaged_state_dict() without it). Nothing was written.")
+        what = type(tensors[extra[0]][0]).__name__
+        raise TypeError(f"{extra[0]!r} is a module's extra state (get_extra_state(): {what}), "
+                        f"which a safetensors file ({path!r}) cannot hold: save to a .pt path "
+                        "(torch.save's format holds it), or write the tensors yourself "
+                        "(averaged_state_dict() without it). Nothing was written.")
 
 
 def load_into(target: nn.Module, state: dict) -> None:
@@ -129,11 +131,13 @@ def load_into(target: nn.Module, state: dict) -> None:
     missing = [k for k in theirs if k not in state]
     extra = [k for k in state if k not in theirs]
     wrong = [f"{k}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}" for k, a in state.items()
-             if k in theirs and isinstance(a, torch.Tensor) and isinstance(b := theirs[k], torch.Tensor)
+             if k in theirs and isinstance(a, torch.Tensor)
+             and isinstance(b := theirs[k], torch.Tensor)
              and (b.shape, b.dtype) != (a.shape, a.dtype)]   # (load: a cast)
     if missing or extra or wrong:
-        raise ValueError(f"copy_to: the model does not match the averaged one (missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); nothing was copied. Copy "
-                         f"into a model like it (to cast: model.load_state_dict(average.averaged_state_dict()))")
+        raise ValueError(f"copy_to: the model does not match the averaged one (missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}, dtypes and shapes {wrong[:5]}); "
+                         "nothing was copied. Copy into a model like it (to cast: "
+                         "model.load_state_dict(average.averaged_state_dict()))")
     with ctrl_c_held():
         target.load_state_dict(state, strict=True)

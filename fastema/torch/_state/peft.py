@@ -84,8 +84,8 @@ def export_peft(checkpoint: TorchCheckpoint, directory: str | os.PathLike, row: 
                          f"nothing was written")
     entries = checkpoint.entries(row)                      # checks the row and the model's tensors
     checkpoint.nonfinite.refuse("export_peft()", row)
-    own = {n: t.detach() for n, t, _, _ in entries            # a distinct object per name: PEFT's picks, by id
-           if isinstance(t, torch.Tensor)}                      # (not a module's extra state)
+    # a distinct object per name: PEFT's picks, by id (not a module's extra state)
+    own = {n: t.detach() for n, t, _, _ in entries if isinstance(t, torch.Tensor)}
     by_id = {id(t): n for n, t in own.items()}
     picked = get_peft_model_state_dict(inner, state_dict=own, adapter_name=name,
                                        save_embedding_layers=save_embedding_layers)

@@ -112,14 +112,15 @@ def _shape(t) -> torch.Size:
 
 
 def tensors_only(entries: list) -> list:
-    """``entries`` (``(name, model tensor, source, value)``) without a module's extra state that is not a
-    tensor (``get_extra_state()``'s dict or int): a stream is tensors only."""
+    """``entries`` (``(name, model tensor, source, value)``) without a module's extra state that
+    is not a tensor (``get_extra_state()``'s dict or int): a stream is tensors only."""
     return [e for e in entries if isinstance(e[1], torch.Tensor)]
 
 
 def tied_once(entries: list) -> list:
     """``entries`` (``(name, model tensor, source, value)``) with each tied tensor once, under its first
-    name: one tracked source, or one model tensor where nothing tracks it; tensors only (:func:`tensors_only`)."""
+    name: one tracked source, or one model tensor where nothing tracks it; tensors only
+    (:func:`tensors_only`)."""
     seen: set = set()
     out = []
     for e in tensors_only(entries):

@@ -239,28 +239,32 @@ class TorchModel(Followed):
                              f"exclude= them (exclude={added[:3]!r}). Nothing was written.")
 
     def _refuse_untied(self, now: dict) -> None:
-        """Refuse, naming it, another name of a tracked tensor at construction (a tie, a buffer aliasing
-        a parameter) that holds memory of its own now (``m.b.weight = nn.Parameter(...)``): an update
-        would leave it out and every export would carry its raw value. Fine where the export carries the
-        model's value anyway (an ignored buffer, a non-persistent one copied, a frozen parameter with
-        ``trainable_only``) and where it now shares another tracked tensor's memory. ``now``:
+        """Refuse, naming it, another name of a tracked tensor at construction (a tie, a buffer
+        aliasing a parameter) that holds memory of its own now (``m.b.weight =
+        nn.Parameter(...)``): an update would leave it out and every export would carry its raw
+        value. Fine where the export carries the model's value anyway (an ignored buffer, a
+        non-persistent one copied, a frozen parameter with ``trainable_only``) and where it now
+        shares another tracked tensor's memory. ``now``:
         :func:`~fastema.torch._tensors.slots.tensors_of` the model."""
         untied = [(n, first) for n, first in self.ties.items() if n in now and first in now and
                   local_key(now[n][1]) != local_key(now[first][1])]
         if not untied:
             return
-        tracked = {local_key(now[n][1]) for n in self.names[0] + self.names[1] + list(self.int_buffers) if n in now}
+        names = self.names[0] + self.names[1] + list(self.int_buffers)
+        tracked = {local_key(now[n][1]) for n in names if n in now}
         inner = unwrap(self.model)
         for n, first in untied:
             kind, t, persistent = now[n]
-            if kind == "buffer" and (self.buffers == "ignore" or (not persistent and self.buffers == "copy")):
+            if kind == "buffer" and (self.buffers == "ignore" or
+                                     (not persistent and self.buffers == "copy")):
                 continue
             if (self.trainable_only and frozen(inner, kind, n, t)) or local_key(t) in tracked:
                 continue
+            kind = self.kind
             raise ValueError(f"{n!r} no longer shares its memory with {first!r} (untied after "
-                             f"{self.kind}(model)): an update would leave it out and an export would "
-                             f"carry its raw value as the average. Make a new {self.kind} of the model "
-                             f"(exclude={n!r} to leave it out). Nothing was written.")
+                             f"{kind}(model)): an update would leave it out and an export would "
+                             f"carry its raw value as the average. Make a new {kind} of the "
+                             f"model (exclude={n!r} to leave it out). Nothing was written.")
 
     def follow(self) -> bool:
         """Before reading or writing the model: follow re-registered or moved tensors (or refuse
@@ -311,8 +315,8 @@ class TorchModel(Followed):
                 raise ValueError(f"{tied[0][0]!r} now shares its memory with {tied[0][1]!r} (tied "
                                  f"after {kind}(model)), which this average tracks apart; make a "
                                  f"new {kind} of the tied model. Nothing was updated.")
-            raise ValueError(f"the model no longer has {missing[:5]} (it changed after {kind}(model)); "
-                             f"make a new {kind} for the new model. Nothing was updated.")
+            raise ValueError(f"the model no longer has {missing[:5]} (it changed after {kind}"
+                             f"(model)); make a new {kind} for the new model. Nothing was updated.")
         specs = {}
         for n in wanted:                          # sharded parameters: their local shards
             if _sharded.is_sharded(named[n]):

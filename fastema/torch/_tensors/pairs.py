@@ -132,10 +132,12 @@ class _Selection:
                 copied.append(name)
                 continue
             if key in seen and storage_key(local(theirs[seen[key]][1])) != storage_key(local(src)):
-                raise ValueError(f"the target's {name!r} shares memory with its {seen[key]!r} but the "
-                                 f"online network's {name!r} is not its {seen[key]!r}: one memory "
+                first = seen[key]
+                raise ValueError(f"the target's {name!r} shares memory with its {first!r} but "
+                                 f"the online network's {name!r} is not its {first!r}: one memory "
                                  "cannot hold both; make the target a copy of the online network "
-                                 f"(copy.deepcopy(online)), or exclude= {name!r}. Nothing was written.")
+                                 f"(copy.deepcopy(online)), or exclude= {name!r}. Nothing was "
+                                 "written.")
             # (the same memory again: averaged once, pair_groups keeps the pair once)
             if key is not None:
                 seen.setdefault(key, name)
@@ -189,10 +191,11 @@ class _Selection:
         # a copied buffer must not write what is averaged (a buffer viewing part of a weight)
         shared = _backends.first_shared(list(map(span, dst[:a])), list(map(span, dst[a:c])))
         if shared is not None:
-            raise ValueError(f"{dsts[a + shared[1]]} (a buffer copied from the online network) shares memory "
-                             f"with {dsts[shared[0]]}, which is averaged: the copy would overwrite the "
-                             "average; make the target a copy of the online network (copy.deepcopy(online)), "
-                             "or exclude= the buffer. Nothing was written.")
+            raise ValueError(f"{dsts[a + shared[1]]} (a buffer copied from the online network) "
+                             f"shares memory with {dsts[shared[0]]}, which is averaged: the copy "
+                             "would overwrite the average; make the target a copy of the online "
+                             "network (copy.deepcopy(online)), or exclude= the buffer. Nothing was "
+                             "written.")
         try:
             return (pair_groups(dst[:a], src[:a], (dsts[:a], srcs[:a])),
                     pair_groups(dst[a:c], src[a:c], (dsts[a:c], srcs[a:c])) if c > a else [], (dst[c:], src[c:]))

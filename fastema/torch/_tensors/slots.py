@@ -33,7 +33,8 @@ __all__ = ["DATA_PTR", "Slots", "bump_versions", "copy_unless_flagged_", "device
 DATA_PTR = torch.Tensor.data_ptr                 # a tensor's address (unsharded tensors)
 
 _CALL = weakref.ref.__call__
-_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__   # (a subclass with its own is a wrapper: no memory of its own)
+# (a subclass with a __torch_dispatch__ of its own is a wrapper: no memory of its own)
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
 class Slots:
@@ -194,8 +195,10 @@ def storage_key(t: torch.Tensor):
     """Where a tensor's elements are: equal keys mean the same memory in the same layout (a tied
     or aliased tensor under another name). None for a tensor with no memory to compare: empty, on
     the meta device, or a wrapper subclass (its own ``__torch_dispatch__``: DTensor, quantized
-    weights); a plain Python subclass (``class MyParam(nn.Parameter)``) holds its memory as a tensor does."""
-    if not t.numel() or t.device.type == "meta" or type(t).__torch_dispatch__ is not _PLAIN_DISPATCH:
+    weights); a plain Python subclass (``class MyParam(nn.Parameter)``) holds its memory as a
+    tensor does."""
+    if (not t.numel() or t.device.type == "meta"
+            or type(t).__torch_dispatch__ is not _PLAIN_DISPATCH):
         return None
     return t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()
 
