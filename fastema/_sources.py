@@ -30,13 +30,14 @@ _DEVICE = operator.attrgetter("device")
 
 
 class SourceChanged(ValueError):
-    """A source whose dtype, shape, strides or device differ from the shadow's making; ``change`` says
-    which and how, without the advice (the caller's may differ: a swap's way back)."""
+    """A source whose dtype, shape, strides or device differ from the shadow's making; ``change``
+    says which and how, without the advice (the caller's may differ: a swap's way back)."""
 
     def __init__(self, change: str):
         self.change = change
-        super().__init__(f"{change} (model.to(), a dtype cast, a reshape or another memory format?); make a new "
-                         f"shadow after changing the model, or change it back. Nothing was updated.")
+        super().__init__(f"{change} (model.to(), a dtype cast, a reshape or another memory "
+                         f"format?); make a new shadow after changing the model, or change it "
+                         f"back. Nothing was updated.")
 
 
 class SourceFollower(Protocol):

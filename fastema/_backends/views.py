@@ -82,7 +82,7 @@ def metric_values(x, what: str):
     """``(kind, flat kernel view of the bits, (framework, device), shape)`` of metric values:
     a Python or NumPy number (float64), a NumPy array or a torch tensor (float64 allowed)."""
     backend = backend_of(x)
-    if backend is None and isinstance(x, _NUMBERS) and not isinstance(x, _BOOLS):   # none has an adapter
+    if backend is None and isinstance(x, _NUMBERS) and not isinstance(x, _BOOLS):  # no adapter's
         x = np.asarray([x], np.float64)
         backend = backend_of(x)
     try:

@@ -68,14 +68,15 @@ class ShadowSwap:
         if swapping_in or not collective:
             try:
                 self._exchange_checked(row, swapping_in, [], collective)
-            except SourceChanged as err:               # the model changed while the average was in it
+            except SourceChanged as err:      # the model changed while the average was in it
                 if swapping_in:
                     raise
                 kind = self.agreement.kind
-                raise ValueError(f"{kind}: the raw weights cannot go back: the model changed while average {row} "
-                                 f"was in it ({err.change}). The model holds average {row} and its raw weights "
-                                 f"are in the {kind}: undo the change (its dtype, shape or layout back as it "
-                                 f"was) and call swap() to put them back; a new {kind} would lose them") from err
+                raise ValueError(f"{kind}: the raw weights cannot go back: the model changed while "
+                                 f"average {row} was in it ({err.change}). The model holds average "
+                                 f"{row} and its raw weights are in the {kind}: undo the change (its "
+                                 f"dtype, shape or layout back as it was) and call swap() to put them "
+                                 f"back; a new {kind} would lose them") from err
             return
         gathering: list = []                           # a split average's way back is a collective
         try:

@@ -4,49 +4,51 @@ An :class:`Attachment` joins one torch model average (an :class:`~fastema.torch.
 :class:`~fastema.torch.PostHocEMA`, a :class:`~fastema.torch.WindowAverage`) to one optimizer by
 torch's own hooks (``../shared/design/optimizer.md`` §4.2):
 
-- a step pre-hook refuses a step while the average is swapped into the model (``average_parameters()``), and a step
-  after the model's registrations changed that left a tracked trainable parameter out of the optimizer (``attach()``'s
-  rule again), before the optimizer writes anything;
-- a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after the lr-0 step that
-  DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an optimizer with no state
-  (:func:`dummy_step`, the one rule of every form of ``step``: every group's lr 0 and DCP's ``_init_optim_state`` the
-  caller, however many frames between, :mod:`fastema.torch._state.dcp_calls`: read only then, §4.3; in a compiled step
-  decided when it runs, by the operator the traced hook leaves); a fused optimizer's step under ``GradScaler`` (which
-  runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on the device (the flag copied into the
-  kernels' skip flags: no host sync);
-- a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state dict's top-level key
-  :data:`KEY` (plain tensors, numbers, strings, lists and dicts: what ``torch.load(weights_only=True)`` reads),
-  outside ``state[param]``, so torch's load cast to the parameters' dtype (§4.1) and Lightning's move of the
-  per-parameter state to the GPU never touch it: a float32 average of bfloat16 weights comes back bit for bit (refused
-  while the average is swapped into the model);
-- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and checks it (every check, agreed
-  over a sharded or split average's ranks); the load post-hook writes it, once torch has loaded the rest (a load
-  refused by fastema or by torch changes nothing); a state dict without it (an older checkpoint, or one made before
-  ``attach``), or with one saved while a start-over waited (:data:`PENDING`), warns once and starts the average over
-  from the weights as they are at the next step (loaded by then, in whatever order the trainer loads).
+- a step pre-hook refuses a step while the average is swapped into the model
+  (``average_parameters()``), and a step after the model's registrations changed that left a
+  tracked trainable parameter out of the optimizer (``attach()``'s rule again), before the
+  optimizer writes anything;
+- a step post-hook updates the average once after every ``optimizer.step()`` that runs; not after
+  the lr-0 step that DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` run on an
+  optimizer with no state (:func:`dummy_step`, the one rule of every form of ``step``: every
+  group's lr 0 and DCP's ``_init_optim_state`` the caller, however many frames between,
+  :mod:`fastema.torch._state.dcp_calls`: read only then, §4.3; in a compiled step decided when
+  it runs, by the operator the traced hook leaves); a fused optimizer's step under
+  ``GradScaler`` (which runs with ``optimizer.found_inf`` set, §4.4) updates behind that flag, on
+  the device (the flag copied into the kernels' skip flags: no host sync);
+- a state-dict post-hook puts the average's whole :meth:`state_dict` under the optimizer state
+  dict's top-level key :data:`KEY` (plain tensors, numbers, strings, lists and dicts: what
+  ``torch.load(weights_only=True)`` reads), outside ``state[param]``, so torch's load cast to
+  the parameters' dtype (§4.1) and Lightning's move of the per-parameter state to the GPU never
+  touch it: a float32 average of bfloat16 weights comes back bit for bit;
+- a load-state-dict pre-hook (first of them) takes that entry out of a new dict and checks it
+  (every check, agreed over a sharded or split average's ranks); the load post-hook writes it,
+  once torch has loaded the rest (a load refused by fastema or by torch changes nothing); a state
+  dict without it (an older checkpoint, or one made before ``attach``), or with one saved while
+  a start-over waited (:data:`PENDING`), warns once and starts the average over from the
+  weights as they are at the next step (loaded by then, in whatever order the trainer loads).
 
 A sharded average (FSDP2, HSDP, tensor parallel: DTensor parameters), and any average when DCP's
-``get_optimizer_state_dict`` asks (told by :func:`~fastema.torch._state.dcp_calls.context`,
-against the table of :mod:`fastema.torch._state.dcp_calls`: a torch that changed it fails
-loudly), goes into the per-parameter entries instead, which DCP keeps
-(:mod:`fastema.torch._state.attached`, its rule: DTensors of the parameters' layout on the
-trainable parameters the optimizer steps, the record, frozen parameters and averaged buffers on
-the first of them; taken out before the cast); its load agrees over the mesh that every rank
-holds the entries or none does (:func:`~fastema.torch._state.decisions.mesh_findings`).
+``get_optimizer_state_dict`` asks (told by :func:`~fastema.torch._state.dcp_calls.context`, against
+the table of :mod:`fastema.torch._state.dcp_calls`: a torch that changed it fails loudly), goes into
+the per-parameter entries instead, which DCP keeps (:mod:`fastema.torch._state.attached`, its rule:
+DTensors of the parameters' layout on the trainable parameters the optimizer steps, the record,
+frozen parameters and averaged buffers on the first of them; taken out before the cast); its load
+agrees over the mesh that every rank holds the entries or none does
+(:func:`~fastema.torch._state.decisions.mesh_findings`).
 
 The state-dict hooks make no collective (HF Trainer calls ``optimizer.state_dict()`` on the saving
-rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides
-DCP's per-parameter entries as :class:`~fastema.torch.SplitEntry` values (each rank writes its
-own); outside DCP its hook carries the whole copy that ``ema.gather_attached()`` made on every
-rank at this state (:meth:`Attachment.gather`; the ``GatherAttached`` callbacks of
+rank only). An average split over replicas (``shard_replicas``: each rank holds pieces) rides DCP's
+per-parameter entries as :class:`~fastema.torch.SplitEntry` values (each rank writes its own);
+outside DCP its hook carries the whole copy that ``ema.gather_attached()`` made on every rank at
+this state (:meth:`Attachment.gather`; the ``GatherAttached`` callbacks of
 :mod:`fastema.transformers` and :mod:`fastema.lightning` call it when a save is due), or raises
-naming what to do: never a file of one rank's pieces. One of DeepSpeed's ZeRO partitions is
-refused here, by name; so is an optimizer whose ``state_dict`` / ``load_state_dict`` never run
-torch's (torchtitan's ``OptimizersContainer``: the hooks would never run,
-:func:`~fastema.torch._state.attach_checks.bypasses`), and one whose ``state_dict`` runs
-torch's but drops the average's entry (one ``state_dict()`` call at attach, with a stand-in for
-the average, where an override outside torch runs:
-:func:`~fastema.torch._state.attach_checks.overrides`).
+naming what to do: never a file of one rank's pieces. One of DeepSpeed's ZeRO partitions is refused
+here, by name; so is an optimizer whose ``state_dict`` / ``load_state_dict`` never run torch's
+(torchtitan's ``OptimizersContainer``: the hooks would never run,
+:func:`~fastema.torch._state.attach_checks.bypasses`), and one whose ``state_dict`` runs torch's but
+drops the average's entry (one ``state_dict()`` call at attach, with a stand-in for the average,
+where an override outside torch runs: :func:`~fastema.torch._state.attach_checks.overrides`).
 """
 from __future__ import annotations
 
@@ -254,13 +256,12 @@ class Attachment:
             self.marked = _params.mark(KEY, self.face, optimizer, self.bare)
 
     def saving(self, optimizer, state_dict: dict) -> dict:
-        """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or, for a sharded
-        average and for DCP's ``get_optimizer_state_dict`` (which keeps only ``state`` and ``param_groups``), in
-        the per-parameter entries (:mod:`fastema.torch._state.attached`). Refused while the average is in the model."""
+        """The state-dict post-hook: the average's whole state under :data:`KEY` (top level), or, for
+        a sharded average and for DCP's ``get_optimizer_state_dict``, in the per-parameter entries
+        (:mod:`fastema.torch._state.attached`); refused while the average is in the model."""
         if self.face.swapped:
             raise RuntimeError(f"{type(optimizer).__name__}.state_dict() inside average_parameters() (or after "
-                               f"swap()): it holds the attached {self.kind}'s state, whose average is in the model "
-                               f"then; save outside the block, or swap() back first")
+                               f"swap()): the attached {self.kind}'s average is in the model; save after it")
         if KEY in state_dict:
             raise ValueError(f"the optimizer's state dict already holds a key {KEY!r}; this "
                              f"{self.kind} keeps its state there. Rename that entry")
@@ -417,10 +418,9 @@ class Attachment:
 
 def dummy_step(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the step that runs is DCP's lr-0 dummy step: every group's lr is 0 and DCP's
-    ``_init_optim_state`` (which steps an optimizer with no state only) made the call, however
-    many frames between (wrappers of ``step``, ``torch.compile``'s runtime, a forwarding
-    optimizer). The one rule of every form of ``step``; the stack is read only where every lr is
-    0."""
+    ``_init_optim_state`` (which steps an optimizer with no state only) made the call, however many
+    frames between (wrappers of ``step``, ``torch.compile``'s runtime, a forwarding optimizer). The
+    one rule of every form of ``step``; the stack is read only where every lr is 0."""
     if not _zero_lr(optimizer):
         return False
     call = _dcp.context()
