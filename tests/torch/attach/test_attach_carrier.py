@@ -303,7 +303,7 @@ def test_optimizer_state_dict_inside_average_parameters_is_refused_naming_the_op
     outside = opt.state_dict()
     with ema.average_parameters():
         with pytest.raises(RuntimeError, match=r"Adam.state_dict\(\) inside average_parameters\(\) \(or after "
-                                               r"swap\(\)\): it holds the attached EMA's state"):
+                                               r"swap\(\)\): the attached EMA's average is in the model"):
             opt.state_dict()
     again = opt.state_dict()
     assert again.keys() == outside.keys() and same(again["fastema"]["averaged"], outside["fastema"]["averaged"])
