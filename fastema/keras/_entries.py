@@ -1,7 +1,8 @@
-"""A WeightEMA's average as Keras files hold it (an "entry"): its ``state_dict()`` with the arrays keyed
-by the model's structure (``trainable/3``: the model's 4th trainable variable) instead of by name,
-the way back to the names of a live callback's EMA, and the checks of an entry read from a file
-(damage that needs no model; fit to a model) before anything is kept.
+"""A WeightEMA's average as Keras files hold it (an "entry"): its ``state_dict()`` with the arrays
+keyed by the model's structure (``variables/3``: ``model.variables[3]``, a place no layer frozen or
+unfrozen moves) instead of by name, the way back to the names of a live callback's EMA, and the
+checks of an entry read from a file (damage that needs no model; fit to a model) before anything is
+kept.
 """
 from __future__ import annotations
 
@@ -28,22 +29,39 @@ class _Live(Protocol):
     averaged_variables: list      # TensorFlow and JAX: the variables the EMA averages, in its order
 
 
+_KEY = "variables/"             # an array's key in a file: its variable's place in model.variables
+
+
+def variable_keys(model) -> dict[int, str]:
+    """id of each of ``model.variables`` (on torch: of its torch parameter too) -> its key in a
+    file, ``variables/i``: ``model.variables`` lists every variable whatever is frozen, in the
+    model's structure (layers frozen or unfrozen since a file was written keep their places)."""
+    keys: dict[int, str] = {}
+    for i, v in enumerate(model.variables):
+        keys.setdefault(id(v), f"{_KEY}{i}")
+        keys.setdefault(id(getattr(v, "value", v)), f"{_KEY}{i}")
+    return keys
+
+
+def saved_variables(model, entry: dict, group: str = "averaged") -> list:
+    """The variables of ``model`` that a saved ``entry`` holds ``group``'s arrays of, in its order
+    (a WeightEMA resuming it averages those, as the live callback went on averaging them)."""
+    variables = model.variables
+    return [variables[int(k[len(_KEY):])] for k in (entry.get(group) or {}) if k.startswith(_KEY)]
+
+
 def _structural_keys(callback: _Live, state: dict) -> dict[str, str]:
-    """The state_dict()'s array names -> the model's structure (``trainable/i``, ``non_trainable/i``)."""
+    """The state_dict()'s array names -> their keys in a file (``variables/i``; ``name:`` + the
+    name of one that is no variable of the model)."""
     model = callback.model
+    index = variable_keys(model)
     if keras.backend.backend() == "torch":                 # names of torch parameters: by identity
-        index: dict[int, str] = {}
-        for kind in ("trainable", "non_trainable"):
-            for i, v in enumerate(getattr(model, f"{kind}_variables")):
-                index.setdefault(id(v.value), f"{kind}/{i}")
         named = {n for g in GROUPS for n in (state.get(g) or {})}      # (torch lists a parameter under aliases)
         return {n: index[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
                 if id(p) in index and n in named}
-    # TensorFlow and JAX: the EMA runs over the trainable variables of its first fit, in that order;
-    # by identity against those of now (a layer frozen since: its average is not a trainable one's)
-    now = {id(v): i for i, v in enumerate(model.trainable_variables)}
-    return {n: f"trainable/{now[id(v)]}" if id(v) in now else "name:" + n
-            for n, v in zip(state.get("averaged", {}), callback.averaged_variables)}
+    # TensorFlow and JAX: the EMA's names, in the order of the variables it averages
+    pairs = zip(state.get("averaged", {}), callback.averaged_variables)
+    return {n: index.get(id(v), "name:" + n) for n, v in pairs}
 
 
 def _structural_state(callback: _Live) -> dict:
@@ -64,7 +82,11 @@ def _named_state(callback: _Live, entry: dict) -> dict:
         raise ValueError(f"the WeightEMA average was saved on the {entry['backend']} backend and this Keras runs on "
                          f"{keras.backend.backend()!r}; the EMAs' checkpoints differ by backend: load it with "
                          f"KERAS_BACKEND={entry['backend']}")
-    names = {s: n for n, s in _structural_keys(callback, callback.ema.state_dict()).items()}
+    live = callback.ema.state_dict()
+    keys = _structural_keys(callback, live)
+    mine = {g: {keys.get(n, n) for n in live.get(g) or {}} for g in GROUPS}
+    _refuse_other_variables(callback.model, entry, mine)
+    names = {s: n for n, s in keys.items()}
     out = {k: v for k, v in entry.items() if k != "backend"}
     for g in GROUPS:
         if isinstance(entry.get(g), dict):
@@ -158,26 +180,84 @@ def _problems(model, entry: dict, place: int) -> list[str]:
         out.append(f"it was saved on the {entry.get('backend')} backend and this Keras runs on {backend!r} (the "
                    f"EMAs' checkpoints differ by backend: load it with KERAS_BACKEND={entry.get('backend')})")
         return out
-    variables = {"trainable": list(model.trainable_variables), "non_trainable": list(model.non_trainable_variables)}
+    variables = model.variables
     averaged = entry.get("averaged")
     if not isinstance(averaged, dict) or not averaged:
         return [f"average {place} has no arrays"]
     for g in GROUPS:
         for key, a in sorted((entry.get(g) or {}).items(), key=lambda kv: _natural(kv[0])):
-            kind, _, i = key.partition("/")
-            if kind not in variables:
+            if not key.startswith(_KEY):
                 continue                                    # by name (a torch buffer): the EMA checks it
-            if not i.isdecimal() or int(i) >= len(variables[kind]):
-                out.append(f"{key} is saved but the model has {len(variables[kind])} {kind} variables")
+            i = key[len(_KEY):]
+            if not i.isdecimal() or int(i) >= len(variables):
+                out.append(f"{key} is saved but the model has {len(variables)} variables")
                 continue
-            shape = tuple(variables[kind][int(i)].shape)
+            shape = tuple(variables[int(i)].shape)
             got = tuple(np.shape(a))[1:] if g == "averaged" else tuple(np.shape(a))
             if got != shape:
-                out.append(f"{key} ({variables[kind][int(i)].path}) has shape {shape}, the saved one {got}")
-    n = len(variables["trainable"])
-    saved = sum(1 for k in averaged if k.startswith("trainable/"))
-    if saved and saved != n and backend != "torch":
-        out.append(f"{saved} trainable variables are saved and the model has {n}")
+                path = variables[int(i)].path
+                out.append(f"{key} ({path}) has shape {shape}, the saved one {got}")
+    return out
+
+
+def _refuse_other_variables(model, entry: dict, live: dict[str, set]) -> None:
+    """ValueError naming (by path) the variables a saved ``entry`` holds an average (or copy) of
+    that a live callback does not, and those it does that the entry has none of (``live``: each
+    group's keys of the callback's EMA); e.g. a file written with other layers frozen when the
+    callback's first fit started."""
+    variables = model.variables
+
+    def path(key: str) -> str:
+        i = key[len(_KEY):]
+        return variables[int(i)].path if i.isdecimal() and int(i) < len(variables) else key
+
+    def paths(keys) -> str:
+        return ", ".join(path(k) for k in sorted(keys, key=_natural))
+
+    problems = []
+    for g, verb in (("averaged", "averages"), ("copied", "copies")):
+        saved = {k for k in entry.get(g) or {} if k.startswith(_KEY)}
+        mine = {k for k in live.get(g, ()) if k.startswith(_KEY)}
+        if saved - mine:
+            problems.append(f"it {verb} {paths(saved - mine)}, which this callback's EMA does not")
+        if mine - saved:
+            problems.append(f"this callback's EMA {verb} {paths(mine - saved)}, which it does not")
+    if problems:
+        raise ValueError(
+            "fastema.keras.WeightEMA: the average saved with this model is not of the variables "
+            "this callback's EMA averages (the layers frozen when its first fit started differ): "
+            + "; ".join(problems) + ". Load it before the callback's first fit (load_model or "
+            "load_average, then a new WeightEMA resumes it over the saved variables); nothing "
+            "was loaded.")
+
+
+def other_version(version, source: str, current: int) -> str:
+    """What a file's average of another format ``version`` than ``current`` is refused with."""
+    if version != 1 or type(version) is not int:                       # (True == 1)
+        return (f"the WeightEMA average in {source} has version {version!r}; this fastema reads "
+                f"version {current}: upgrade fastema.")
+    return (f"the WeightEMA average in {source} has version 1; this fastema reads version "
+            f"{current}: version 1 (development versions of fastema 0.2) keyed each average by its "
+            "place among the trainable variables, which a layer frozen or unfrozen since moves; "
+            "load the model with keras.saving.load_model (its weights; not the average) and start "
+            "a new WeightEMA.")
+
+
+def averaged_rows(model, averaged: dict) -> list[np.ndarray]:
+    """Row 0 of the saved average ``averaged`` of each of ``model.trainable_variables`` (found by
+    its key), in the variable's dtype; a variable without one: its current value."""
+    keys, out = variable_keys(model), []
+    for v in model.trainable_variables:
+        a = averaged.get(keys[id(v)])
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        if a is None:
+            out.append(np.asarray(keras.ops.convert_to_numpy(v)))
+        elif dtype == "bfloat16":
+            import ml_dtypes
+
+            out.append(_to_numpy(a)[0].astype(ml_dtypes.bfloat16))
+        else:
+            out.append(_to_numpy(a)[0].astype(dtype))
     return out
 
 

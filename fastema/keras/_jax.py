@@ -59,14 +59,14 @@ class _JaxModelEMA(Face, FaceNonFinite):
     swap the callback needs. During ``fit`` the newest weights live in the trainer's state
     (``model._jax_state``), not in the variables, and are read from there."""
 
-    def __init__(self, model, decay, **kwargs):
+    def __init__(self, model, variables: list, decay, **kwargs):
         from ..jax import EMA
 
         self.model = model
-        self.variables = list(model.trainable_variables)
+        self.variables = list(variables)
         self.inner = EMA([v.value for v in self.variables], decay, **kwargs)
         self._core = self.inner._core
-        self._raw = None
+        self._raw: list | None = None
         self._at: list | None = None           # the variables' places in fit's state (positions)
         self._swap = ModelSwap(self._exchange, "the average is swapped into the model; swap() back first")
 

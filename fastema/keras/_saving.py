@@ -39,12 +39,15 @@ from ._entries import (
     _problems,
     _structural_state,
     _to_numpy,
+    averaged_rows,
+    other_version,
     poisoned,
 )
 
 # the model's attribute: the file's group of the average
 _ATTR = "_fastema_weight_ema"
-_FORMAT, _VERSION = "fastema.keras.WeightEMA", 1
+# 2: arrays keyed variables/i (model.variables); 1 (0.2's development versions): refused
+_FORMAT, _VERSION = "fastema.keras.WeightEMA", 2
 # a header past this is not one fastema wrote
 _HEADER_BYTES = 16 << 20
 
@@ -62,9 +65,10 @@ class _SavedAverages(_KerasSaveable):
     states read from a file for callbacks not made yet (by place: the ``i``-th ``WeightEMA`` of
     the next ``fit``, if it is a new one, resumes from ``pending[i]``; a callback of that ``fit``
     that already has its EMA keeps it, and a file loaded into it is in both). A state here is a
-    state_dict() whose arrays are keyed by the model's structure (``trainable/3``: the model's 4th
-    trainable variable), not by name, so a model of the same architecture with other layer names (a
-    second model in one process) loads it, as Keras's own ``load_weights`` matches by structure.
+    state_dict() whose arrays are keyed by the model's structure (``variables/3``:
+    ``model.variables[3]``, whatever is frozen), not by name, so a model of the same
+    architecture with other layer names (a second model in one process) loads it, as Keras's own
+    ``load_weights`` matches by structure.
     """
 
     def __init__(self) -> None:
@@ -263,8 +267,7 @@ def _decode(store, source: str = "the file", allow: bool = False) -> list[dict]:
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise bad("the header names no fastema.keras.WeightEMA format")
     if type(header.get("version")) is not int or header.get("version") != _VERSION:      # True == 1
-        raise ValueError(f"the file's WeightEMA average has version {header.get('version')!r}; "
-                         f"this fastema reads version {_VERSION}: upgrade fastema")
+        raise load_refused(other_version(header.get("version"), source, _VERSION))
     entries = header.get("entries")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise bad("no list of entries")
@@ -422,19 +425,4 @@ def averaged_weights(model, index: int = 0, *, allow_nonfinite: bool = False) ->
     bad = [] if allow_nonfinite else poisoned(entries[index], row=0)
     if bad:
         raise ValueError(refusal("fastema.keras.averaged_weights()", f"average {index}", bad))
-    averaged = entries[index]["averaged"]
-    out = []
-    for i, v in enumerate(model.trainable_variables):
-        a = averaged.get(f"trainable/{i}")
-        dtype = keras.backend.standardize_dtype(v.dtype)
-        if a is None:
-            out.append(np.asarray(keras.ops.convert_to_numpy(v)))
-            continue
-        row = _to_numpy(a)[0]
-        if dtype == "bfloat16":
-            import ml_dtypes
-
-            out.append(row.astype(ml_dtypes.bfloat16))
-        else:
-            out.append(row.astype(dtype))
-    return out
+    return averaged_rows(model, entries[index]["averaged"])

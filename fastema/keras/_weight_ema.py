@@ -14,7 +14,7 @@ from typing import Any
 import keras
 
 from ..average import EMAOptions
-from ._entries import _named_state, refuse_poisoned
+from ._entries import _named_state, refuse_poisoned, saved_variables
 from ._jax import _JaxModelEMA
 from ._saving import _detach, _saved_averages
 
@@ -109,23 +109,28 @@ class WeightEMA(keras.callbacks.Callback):
 
     def _make(self):
         backend = keras.backend.backend()
-        self.averaged_variables = list(self.model.trainable_variables)
+        # The average this callback resumes from: a state_dict() given to load_state_dict(), else
+        # the one saved with the model (load_model / load_average / load_weights) for this
+        # callback's place. A saved one is resumed over the variables it holds averages of (as the
+        # live callback went on averaging them, whatever was frozen or unfrozen since), the others
+        # over the trainable variables of now.
+        saved = _saved_averages(self.model, create=True)
+        slot = len(saved.this_fit())
+        pending = saved.pending[slot] if slot < len(saved.pending) else None
+        from_file = pending if self._pending is None else None
+        self.averaged_variables = (list(self.model.trainable_variables) if from_file is None
+                                   else saved_variables(self.model, from_file))
         if backend == "torch":
-            ema = self._torch_ema()
+            ema = self._torch_ema(from_file)
         elif backend == "tensorflow":
             from ..tensorflow import EMA
 
-            ema = EMA(self.model.trainable_variables, self.decay, **self.ema_kwargs)
+            ema = EMA(self.averaged_variables, self.decay, **self.ema_kwargs)
         elif backend == "jax":
-            ema = _JaxModelEMA(self.model, self.decay, **self.ema_kwargs)
+            ema = _JaxModelEMA(self.model, self.averaged_variables, self.decay, **self.ema_kwargs)
         else:
             raise RuntimeError(f"fastema.keras.WeightEMA runs on the torch, tensorflow and jax backends; "
                                f"this Keras runs on {backend!r}")
-        # The average this callback resumes from: a state_dict() given to load_state_dict(), else the one
-        # saved with the model (load_model / load_average / load_weights) for this callback's place.
-        saved = _saved_averages(self.model, create=True)
-        slot = len(saved.this_fit())
-        from_file = saved.pending[slot] if slot < len(saved.pending) else None
         ema.allow_nonfinite = self.allow_nonfinite     # its resume, its swaps, write_at_end
         self.ema = ema
         try:
@@ -151,14 +156,20 @@ class WeightEMA(keras.callbacks.Callback):
         self._owner = self.model
         saved.join(self)                                    # model.save() writes this callback's average
 
-    def _torch_ema(self):
-        # Keras layers are torch modules here: average the trainable variables, copy the others along.
+    def _torch_ema(self, entry: dict | None):
+        # Keras layers are torch modules here: average the trainable variables, copy the others
+        # along; resuming a saved ``entry``: average and copy what it does (its layers frozen then).
         from ..torch import EMA
 
         model = self.model
         named = dict(model.named_parameters())
         by_id = {id(p): n for n, p in named.items()}
-        frozen = [by_id[id(v.value)] for v in model.non_trainable_variables if id(v.value) in by_id]
+        frozen_ids = {id(v.value) for v in model.non_trainable_variables}
+        if entry is not None:
+            frozen_ids -= {id(v.value) for v in saved_variables(model, entry)}
+            frozen_ids |= {id(v.value) for v in saved_variables(model, entry, "copied")}
+        frozen = [by_id[id(v.value)] for v in model.variables
+                  if id(v.value) in by_id and id(v.value) in frozen_ids]
         kwargs = dict(self.ema_kwargs)
         kwargs["copy"] = tuple(kwargs.get("copy", ())) + tuple(_escape(n) for n in frozen)
         return EMA(model, self.decay, **kwargs)

@@ -329,7 +329,7 @@ def fit(model, cb):                                    # the callback's begin an
 model, first = keras_model(optimizer="sgd", metrics=()), WeightEMA(0.8)
 fit(model, first)
 state = first.state_dict()
-name = next(n for n, s in fe._structural_keys(first, state).items() if s == "trainable/0")
+name = next(n for n, s in fe._structural_keys(first, state).items() if s == "variables/0")
 for key, a in state["averaged"].items():                # an average apart from the weights
     a = fe._to_numpy(a) + 0.25
     if key == name:
@@ -366,9 +366,9 @@ kept = [fe._to_numpy(a).copy() for a in fk._structural_state(cb)["averaged"].val
 out["repaired"] = cb.repair_nonfinite() == [name]
 after = fk._structural_state(cb)["averaged"]
 live = np.asarray(keras.ops.convert_to_numpy(model.trainable_variables[0]))
-out["repaired_rows"] = bool(np.array_equal(fe._to_numpy(after["trainable/0"])[0], live))
+out["repaired_rows"] = bool(np.array_equal(fe._to_numpy(after["variables/0"])[0], live))
 out["others_kept"] = all(np.array_equal(fe._to_numpy(a), k) for (key, a), k in zip(after.items(), kept)
-                         if key != "trainable/0")
+                         if key != "variables/0")
 cb.ema.swap()
 cb.ema.swap()
 fit(model, cb)                                         # the swap and write_at_end go through now
@@ -400,10 +400,10 @@ def test_an_average_nan_reached_is_refused_loaded_when_allowed_and_repaired_on_e
         assert res[key] is True, key
     assert re.search(r"swap\(\): the average holds inf or NaN in .*repair_nonfinite", res["swap"])
     assert re.search(r"copy_to\(\): the average holds inf or NaN in .*repair_nonfinite", res["write_at_end"])
-    assert re.search(r"m\.keras' holds inf or NaN \(average 0: trainable/0 holds inf or NaN\)\. " + advice,
+    assert re.search(r"m\.keras' holds inf or NaN \(average 0: variables/0 holds inf or NaN\)\. " + advice,
                      res["file"])
-    assert re.search(r"averaged_weights\(\): average 0 holds inf or NaN in 'trainable/0'", res["averaged_weights"])
-    assert re.search(r"the average saved with this model holds inf or NaN in 'trainable/0'\. " + advice,
+    assert re.search(r"averaged_weights\(\): average 0 holds inf or NaN in 'variables/0'", res["averaged_weights"])
+    assert re.search(r"the average saved with this model holds inf or NaN in 'variables/0'\. " + advice,
                      res["from_file"])
 
 
@@ -760,8 +760,9 @@ loaded = fk.load_model(f"{d}/m.keras")
 out["loaded_equal"] = same(fk._saved_averages(loaded).entries()[0], at_save)
 out["averaged_weights_equal"] = all(np.array_equal(a, b) for a, b in zip(fk.averaged_weights(loaded),
                                                                          fk.averaged_weights(model)))
-out["averaged_is_row0"] = all(np.array_equal(a, np.asarray(fk._to_numpy(at_save["averaged"][f"trainable/{i}"]))[0])
-                              for i, a in enumerate(fk.averaged_weights(model)))
+keys = {id(v): f"variables/{i}" for i, v in enumerate(model.variables)}     # each variable's key: its place
+out["averaged_is_row0"] = all(np.array_equal(a, np.asarray(fk._to_numpy(at_save["averaged"][keys[id(v)]]))[0])
+                              for v, a in zip(model.trainable_variables, fk.averaged_weights(model)))
 resumed = WeightEMA(0.9)
 fit(loaded, resumed)
 out["resumed_equal"] = same(fk._structural_state(resumed), full_state)
@@ -869,7 +870,7 @@ def test_weight_ema_average_is_saved_with_the_model_and_resumed_bit_exactly(back
                 "no_average_model", "no_average_untouched", "mismatch_kept", "two_saved", "count_untouched"):
         assert res[key] is True, key
     assert res["resumed_updates"] == [8, 8] and res["next_fit_replaces"] == 1
-    assert re.search(r"holds a WeightEMA average that does not fit this model: trainable/0 \(.*kernel\) has shape "
+    assert re.search(r"holds a WeightEMA average that does not fit this model: variables/0 \(.*kernel\) has shape "
                      r"\(4, 8\), the saved one \(4, 16\);.*load it into the model it was saved with",
                      res["other_architecture"])
     assert "holds 1 WeightEMA average(s) and this model has 2 WeightEMA callback(s)" in res["count_refused"]
@@ -905,13 +906,17 @@ def test_saved_average_refusals_on_the_torch_backend(tmp_path, monkeypatch):
 
     for store, match in ((header(b"{not json"), "the header is not JSON"),
                          (header({"format": "keras"}), "names no fastema.keras.WeightEMA format"),
-                         (header({"format": fk._FORMAT, "version": 99}), "version 99; this fastema reads version 1"),
-                         (header({"format": fk._FORMAT, "version": 1, "entries": {}}), "no list of entries"),
-                         (header({"format": fk._FORMAT, "version": 1,
-                                  "entries": [{"averaged": {"trainable/0": {"__array__": 3}}}]}), "array 3 is missing"),
+                         (header({"format": fk._FORMAT, "version": 99}), "version 99; this fastema reads version 2: "
+                          "upgrade fastema"),
+                         (header({"format": fk._FORMAT, "version": 1}), "version 1; this fastema reads version 2: "
+                          "version 1 (development versions of fastema 0.2) keyed each average by its place among the "
+                          "trainable variables"),
+                         (header({"format": fk._FORMAT, "version": 2, "entries": {}}), "no list of entries"),
+                         (header({"format": fk._FORMAT, "version": 2,
+                                  "entries": [{"averaged": {"variables/0": {"__array__": 3}}}]}), "array 3 is missing"),
                          ({"0": np.zeros(3)}, "no header"),
                          ({"header": np.zeros(3)}, "a header of dtype float64")):
-        with pytest.raises(ValueError, match=re.escape(match) if "[" in match else match):
+        with pytest.raises(ValueError, match=re.escape(match)):
             fk._decode(store)
     model.save(tmp_path / "swapped.keras")                          # a good file there first
     model.save_weights(tmp_path / "swapped.weights.h5")
@@ -983,7 +988,7 @@ def test_a_damaged_or_unreadable_average_file_is_refused_naming_it(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
     model.save(tmp_path / "good.keras")
     model.save_weights(tmp_path / "good.weights.h5")
-    damages = {"nan": (_nan_average, r"trainable/0 holds inf or NaN"),
+    damages = {"nan": (_nan_average, r"variables/0 holds inf or NaN"),
                "updates": (lambda e, arrays: e.update(updates=-1), r"schedule state unreadable \(updates"),
                "rounding": (lambda e, arrays: e.update(rounding="up"), r"rounding must be 'nearest' or 'stochastic'")}
     cases = []
@@ -1007,7 +1012,7 @@ def test_a_damaged_or_unreadable_average_file_is_refused_naming_it(tmp_path):
         assert fk._ATTR not in vars(fresh)
     before = cb.ema.state_dict()
     with pytest.raises(ValueError, match=r"the WeightEMA average in the file holds inf or NaN \(average 0: "
-                                         r"trainable/0 holds inf or NaN; .*\)\. To load it all the same and repair "
+                                         r"variables/0 holds inf or NaN; .*\)\. To load it all the same and repair "
                                          r"it, pass allow_nonfinite=True"):
         model.load_weights(tmp_path / "nan.weights.h5")          # into the live callback: refused, kept
     after = cb.ema.state_dict()
@@ -1300,3 +1305,111 @@ def test_a_flat_shadow_holds_a_keras_variable_on_the_torch_backend():
         v.assign(np.full(4, k, np.float32))
         flat.update(0.5)
         np.testing.assert_array_equal(np.asarray(flat.view(0)), np.full(4, want, np.float32))
+
+
+FROZEN_BETWEEN_SAVE_AND_RESUME = r"""
+import json, tempfile, warnings
+warnings.simplefilter("ignore")
+import keras, numpy as np
+import fastema.keras._saving as fk
+from fastema._checkpoint_format import GROUPS
+from fastema.keras import WeightEMA
+_tmp = tempfile.TemporaryDirectory()
+d = _tmp.name
+x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+y = x[:, ::-1].copy()
+out = {}
+
+def abcd(frozen):
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((4,))] + [keras.layers.Dense(4, name=n) for n in "abcd"])
+    for n in frozen:
+        m.get_layer(n).trainable = False
+    m.compile(keras.optimizers.SGD(0.1), "mse")
+    return m
+
+def refreeze(m, frozen):                               # a unfrozen, d frozen: the same count and shapes
+    for layer in m.layers:
+        layer.trainable = layer.name not in frozen
+    m.compile(keras.optimizers.SGD(0.1), "mse")
+
+def fit(m, cb):
+    m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+
+def arrays(cb):                                        # group:key -> the saved arrays, comparable across models
+    state = fk._structural_state(cb)
+    return {f"{g}:{k}": np.asarray(fk._to_numpy(a)) for g in GROUPS for k, a in (state.get(g) or {}).items()}
+
+def averaged(cb):                                      # the layer/name of each variable the callback's EMA averages
+    variables = cb.model.variables
+    return sorted("/".join(variables[int(k.split("/")[1])].path.split("/")[-2:])
+                  for k in fk._structural_state(cb)["averaged"])
+
+# uninterrupted: the live callback keeps averaging b, c and d (d's weights held fixed in the second fit)
+full, cb = abcd("a"), WeightEMA(decay=0.8)
+fit(full, cb)
+refreeze(full, "d")
+fit(full, cb)
+want = arrays(cb)
+# the same, saved after the first fit and resumed by a new WeightEMA after a was unfrozen and d frozen
+model, first = abcd("a"), WeightEMA(decay=0.8)
+fit(model, first)
+model.save(f"{d}/m.keras")
+model.save_weights(f"{d}/m.weights.h5")
+loaded = fk.load_model(f"{d}/m.keras")
+refreeze(loaded, "d")
+resumed = WeightEMA(decay=0.8)
+fit(loaded, resumed)
+got = arrays(resumed)
+out["averaged"] = averaged(resumed)
+out["same_keys"] = sorted(got) == sorted(want)
+out["bit_for_bit"] = out["same_keys"] and all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k])
+                                              for k in want)
+out["updates"] = [resumed.ema.updates, cb.ema.updates]
+out["weights_equal"] = all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), full.get_weights()))
+# a live callback averaging other variables (nothing frozen when its fit started) refuses the file's, by path
+other, mine = abcd(""), WeightEMA(decay=0.8)
+fit(other, mine)
+before, weights = arrays(mine), other.get_weights()
+for name, load in (("load_weights", lambda: other.load_weights(f"{d}/m.weights.h5")),
+                   ("load_average", lambda: fk.load_average(other, f"{d}/m.keras"))):
+    try:
+        load()
+        out[name] = None
+    except ValueError as e:
+        out[name] = str(e)
+after = arrays(mine)
+out["refused_unchanged"] = sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k])
+                                                                   for k in before) \
+    and all(np.array_equal(a, b) for a, b in zip(other.get_weights(), weights))
+_tmp.cleanup()
+print(json.dumps(out))
+"""
+
+
+script("FROZEN_BETWEEN_SAVE_AND_RESUME", FROZEN_BETWEEN_SAVE_AND_RESUME, ("tensorflow", "jax"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_an_average_resumed_after_other_layers_were_frozen_is_each_variables_own(backend, capsys):
+    """A file keyed each average by its variable's place among the trainable variables when it was
+    written, read back by the places of now: saved with layer a frozen, resumed with a unfrozen and d
+    frozen (the same count and shapes), a's average was b's, b's c's, c's d's, silently. Each average is
+    now keyed by its place in model.variables: the resumed WeightEMA averages b, c and d as the live
+    callback went on doing, and after one more fit equals an uninterrupted run bit for bit. A live
+    callback averaging other variables refuses the file naming them by path, nothing changed."""
+    if backend == "torch":
+        source = FROZEN_BETWEEN_SAVE_AND_RESUME
+        exec(compile(source, "FROZEN_BETWEEN_SAVE_AND_RESUME", "exec"), {"__name__": "__main__"})
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    else:
+        pytest.importorskip(backend)
+        res = run_on(backend, "FROZEN_BETWEEN_SAVE_AND_RESUME")
+    assert res["averaged"] == ["b/bias", "b/kernel", "c/bias", "c/kernel", "d/bias", "d/kernel"], res["averaged"]
+    assert res["same_keys"] and res["bit_for_bit"] and res["weights_equal"]
+    assert res["updates"] == [8, 8]
+    for name in ("load_weights", "load_average"):
+        assert re.search(r"the average saved with this model is not of the variables this callback's EMA averages"
+                         r".*: this callback's EMA averages \S*a/kernel, \S*a/bias, which it does not.* Load it "
+                         r"before the callback's first fit", res[name] or ""), (name, res[name])
+    assert res["refused_unchanged"]

@@ -3,13 +3,16 @@
 ``data/`` holds files written by ``data/make_format_fixtures.py`` at 929b907, before the formats shared
 the codec: a Keras ``.keras`` / ``.weights.h5`` file with a ``WeightEMA`` average, an ``EMACallback``
 ``fastema_ema.safetensors`` and a TensorFlow checkpoint of ``fastema.tensorflow.EMA``. Each still
-loads, and writing the loaded state again gives the same bytes; but the ``EMACallback`` file, version 1
-(no checksums, written by development versions of 0.2 only), which is refused naming what to do.
+loads, and writing the loaded state again gives the same bytes; but two version-1 files, written by
+development versions of 0.2 only, which are refused naming what to do: the ``EMACallback`` file (no
+checksums) and the Keras files (each average keyed by its place among the trainable variables, which
+a layer frozen or unfrozen since moves; a Keras file written now round-trips instead).
 """
 import importlib.util
 import io
 import json
 import pathlib
+import re
 import zipfile
 
 import numpy as np
@@ -80,7 +83,13 @@ def _keras_weights(path: pathlib.Path) -> bytes:
         return z.read("model.weights.h5")
 
 
-def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(tmp_path):
+def test_a_keras_file_of_version_1_is_refused_and_one_written_now_loads_resumes_and_saves_the_same(tmp_path):
+    """The Keras files' average is keyed by each variable's place in ``model.variables`` since version 2:
+    version 1 (development versions of 0.2, the fixture) keyed it by the place among the trainable
+    variables when the file was written, which put each average on another variable once a layer was
+    frozen or unfrozen since. Its file is refused by every reader, naming the version and what to do,
+    nothing loaded; Keras alone still loads its weights. A file written now (the same model and fit as
+    the fixture's) loads, resumes and writes the same average again, byte for byte."""
     keras = pytest.importorskip("keras")
     pytest.importorskip("h5py")
     if keras.backend.backend() != "torch":                                   # pragma: no cover
@@ -90,11 +99,37 @@ def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(
     import fastema.keras as fk
 
     old_keras, old_h5 = DATA / "keras_torch.keras", DATA / "keras_torch.weights.h5"
-    saved = _average_group(old_h5)
+    old = json.loads(_average_group(old_h5)["header"][2])
+    assert old["version"] == 1 and set(old["entries"][0]["copied"]) == {"non_trainable/0", "non_trainable/1"}
+    refusal = (r"has version 1; this fastema reads version 2: version 1 \(development versions of fastema 0\.2\) "
+               r"keyed each average by its place among the trainable variables.*load the model with "
+               r"keras\.saving\.load_model \(its weights; not the average\) and start a new WeightEMA\. Nothing was "
+               r"loaded\.")
+    with pytest.raises(ValueError, match=re.escape(repr(str(old_keras))) + ".*" + refusal):
+        fk.load_model(old_keras)
+    fresh = keras_model(batchnorm=True)
+    with pytest.raises(ValueError, match=re.escape(repr(str(old_h5))) + ".*" + refusal):
+        fk.load_average(fresh, old_h5)
+    assert "_fastema_weight_ema" not in vars(fresh)
+    x, y = keras_data(32)
+    live, cb = keras_model(batchnorm=True), fk.WeightEMA([PowerWarmup(0.9), PowerWarmup(0.5)])
+    live.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    before, weights = cb.ema.state_dict(), live.get_weights()
+    with pytest.raises(ValueError, match=refusal):
+        live.load_weights(old_h5)
+    assert cb.ema.updates == before["updates"] and all(np.array_equal(a, b) for a, b in zip(live.get_weights(),
+                                                                                          weights))
+    plain = keras.saving.load_model(old_keras)
+    assert len(plain.get_weights()) == len(weights)
+
+    _fixtures().keras_files(tmp_path)                                        # the fixture's model and fit, now
+    new_keras, new_h5 = tmp_path / "keras_torch.keras", tmp_path / "keras_torch.weights.h5"
+    saved = _average_group(new_h5)
     header = json.loads(saved["header"][2])
     entry = header["entries"][0]
-    assert header["backend"] == "torch" and set(entry["copied"]) == {"non_trainable/0", "non_trainable/1"}
-    assert _average_group(_keras_weights(old_keras)) == saved
+    assert header["version"] == 2 and header["backend"] == "torch"
+    assert set(entry["copied"]) == {"variables/4", "variables/5"}           # BatchNorm's moving mean and variance
+    assert _average_group(_keras_weights(new_keras)) == saved
 
     def resumed(model):
         """A WeightEMA of the next fit, made on ``model`` (it takes the loaded average)."""
@@ -106,11 +141,12 @@ def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(
     for model, load, save, name in ((None, fk.load_model, "save", "again.keras"),
                                     (keras_model(batchnorm=True), fk.load_average, "save_weights", "again.weights.h5")):
         if model is None:
-            model = load(old_keras)  # type: ignore[call-arg]
+            model = load(new_keras)  # type: ignore[call-arg]
         else:
-            load(model, old_h5)
-        row0 = [np.frombuffer(saved[str(entry["averaged"][f"trainable/{i}"]["__array__"])][2], np.float32)
-                .reshape(2, *v.shape)[0] for i, v in enumerate(model.trainable_variables)]
+            load(model, new_h5)
+        places = {id(v): i for i, v in enumerate(model.variables)}
+        row0 = [np.frombuffer(saved[str(entry["averaged"][f"variables/{places[id(v)]}"]["__array__"])][2], np.float32)
+                .reshape(2, *v.shape)[0] for v in model.trainable_variables]
         assert all(np.array_equal(a, b) for a, b in zip(fk.averaged_weights(model), row0))
         cb = resumed(model)
         assert cb.ema.updates == entry["updates"] == 2
@@ -118,8 +154,7 @@ def test_a_keras_file_written_before_the_codec_loads_resumes_and_saves_the_same(
         written = _keras_weights(tmp_path / name) if name.endswith(".keras") else tmp_path / name
         assert _average_group(written) == saved, name                       # the same header and arrays, byte for byte
         cb.on_train_end()
-    x, y = keras_data(32)                                                    # and it goes on training from there
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])   # and it trains on from there
     assert cb.ema.updates == 4
 
 
