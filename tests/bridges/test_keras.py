@@ -102,6 +102,133 @@ def test_steps_per_execution_reports_the_mean_of_the_executed_batches():
     assert logs["loss_ema"] == pytest.approx(pd.Series([2.0, 3.0, 7.0]).ewm(alpha=0.5).mean().iloc[-1])
 
 
+def test_a_running_mean_whose_batches_are_not_kept_gives_nan_where_the_difference_is_not_its_value():
+    """A running mean that updates in a way of its own keeps no ring of its batches: its value is the
+    difference of its float32 sum, which lost a batch of 0.01 after two of 1e6 (it read 0.0). It is NaN
+    there now, and the averages skip it."""
+    class Plain(keras.metrics.MeanMetricWrapper):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            super().update_state(y_true, y_pred, sample_weight=sample_weight)
+
+    model = make_model(metrics=())
+    model.compile(keras.optimizers.SGD(0.0), "mse", metrics=[Plain(keras.losses.mean_absolute_error, name="plain")])
+    model.fit(*data(8), batch_size=8, epochs=1, verbose=0)          # builds the metrics
+    cb = MovingAverageLogs(ema=0.5, sma=None, metrics=("loss", "plain"))
+    cb.set_model(model)
+    cb.on_train_begin()
+    plain = next(m for m in model.metrics[1].metrics if m.name == "plain")
+    model.reset_metrics()
+    cb.on_epoch_begin(0)
+    rows = []
+    for batch, v in enumerate([1e6, 1e6, 0.01, 0.02]):
+        model.metrics[0].update_state(v, sample_weight=4)             # the loss: kept, exact
+        keras.metrics.Mean.update_state(plain, v, sample_weight=4)
+        logs = {}
+        cb.on_train_batch_end(batch, logs)
+        rows.append([logs["loss_raw"], logs["plain_raw"], logs["plain_ema"]])
+    rows = np.array(rows)
+    np.testing.assert_allclose(rows[:, 0], [1e6, 1e6, 0.01, 0.02], rtol=1e-7)
+    np.testing.assert_allclose(rows[:2, 1], [1e6, 1e6])
+    assert np.isnan(rows[2:, 1]).all()
+    np.testing.assert_allclose(rows[:, 2], 1e6)
+
+
+# Each batch's own loss and MAE, exact where the epoch's float32 sum dwarfs them: Keras adds a batch's
+# share to a float32 sum, and the difference of two sums lost it (a relative error of 0.19 in the fit
+# below; 0 after two batches of 1e6). The running means keep their last batches' shares (._shares).
+EXACT_RAW = r"""
+import json
+import keras, numpy as np
+from fastema.keras import MovingAverageLogs
+backend = keras.backend.backend()
+
+
+class Rows(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rows.append([batch, logs["loss_raw"], logs["mae_raw"], logs["loss_ema"]])
+
+
+class Truth(keras.callbacks.Callback):                    # each batch's MSE and MAE from its weights, float64
+    def __init__(self, x, y, bs):
+        super().__init__()
+        self.x, self.y, self.bs, self.rows = x, y, bs, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if backend == "jax":
+            self.model.jax_state_sync()                   # the newest weights into the variables
+        s = slice(batch * self.bs, (batch + 1) * self.bs)
+        err = np.asarray(keras.ops.convert_to_numpy(self.model(self.x[s], training=True)), np.float64) - self.y[s]
+        self.rows.append([float(np.mean(err ** 2)), float(np.mean(np.abs(err)))])
+
+
+out = {}
+# A regression fit whose MSE falls from ~1e4 to ~0.1 in its first epoch: the epoch's float32 sum of the
+# losses grows past 1e7, where a batch's share of ~5 is below half its float32 step.
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8000, 4)).astype("float32")
+y = (x @ np.array([30., 40., 50., 60.])[:, None] + 100 + 0.3 * rng.normal(size=(8000, 1))).astype("float32")
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+model.compile(keras.optimizers.Adam(1.0), "mse", metrics=["mae"])
+truth, rows = Truth(x, y.astype(np.float64), 32), Rows()
+model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
+          callbacks=[truth, MovingAverageLogs(ema=0.9, sma=None, metrics=("loss", "mae")), rows])
+out["falling"] = {"truth": truth.rows, "rows": rows.rows}
+# Learning rate 0 and a zero model: each batch's loss is the mean of its y**2. Two batches of 1e6, then
+# ~1e-2; 101 batches (the last of 2 samples), with steps_per_execution=3 where the backend runs it (the
+# last execution has 2 batches), over two epochs.
+spe = 1 if backend == "torch" else 3
+y = np.where(np.arange(402)[:, None] < 8, 1000.0, 0.1 * rng.normal(size=(402, 1))).astype("float32")
+x = rng.normal(size=(402, 2)).astype("float32")
+model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+model.compile(keras.optimizers.SGD(0.0), "mse", metrics=["mae"], steps_per_execution=spe)
+rows = Rows()
+model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+          callbacks=[MovingAverageLogs(ema=0.9, sma=None, metrics=("loss", "mae")), rows])
+out["spikes"] = {"spe": spe, "rows": rows.rows}
+print(json.dumps(out))
+"""
+
+
+script("EXACT_RAW", EXACT_RAW, ("tensorflow", "jax"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_raw_values_are_each_batchs_own_where_the_epochs_float32_sum_dwarfs_them(backend, capsys):
+    """A regression fit whose MSE falls from ~2e4 to ~0.13 in an epoch: loss_raw and mae_raw against each
+    batch's own, in float64, from the weights it trained on (they were off by up to 0.19); loss_ema
+    follows them. Two batches of MSE 1e6 then ~1e-2, with steps_per_execution=3 on TensorFlow and JAX
+    (the last execution of each epoch has 2 batches, 4 and 2 samples), over two epochs: each report is
+    its batches' sample-weighted mean (it was 0)."""
+    if backend == "torch":
+        exec(compile(EXACT_RAW, "EXACT_RAW", "exec"), {"__name__": "__main__"})
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    else:
+        pytest.importorskip(backend)
+        res = run_on(backend, "EXACT_RAW")
+    truth, rows = np.array(res["falling"]["truth"]), np.array(res["falling"]["rows"])
+    assert len(rows) == 250 and truth[0, 0] > 1e4 and truth[-1, 0] < 0.2
+    np.testing.assert_allclose(rows[:, 1], truth[:, 0], rtol=2e-6)
+    np.testing.assert_allclose(rows[:, 2], truth[:, 1], rtol=2e-6)
+    np.testing.assert_allclose(rows[:, 3], pd.Series(truth[:, 0]).ewm(alpha=0.1).mean(), rtol=2e-6)
+    rng = np.random.default_rng(0)
+    rng.normal(size=(8000, 4)), rng.normal(size=(8000, 1))      # the script's draws, in its order
+    y = np.where(np.arange(402)[:, None] < 8, 1000.0, 0.1 * rng.normal(size=(402, 1)))
+    y = y.astype(np.float32).astype(np.float64)
+    n = np.array([4] * 100 + [2])
+    spe, rows = res["spikes"]["spe"], np.array(res["spikes"]["rows"])
+    runs = [list(range(i, min(i + spe, 101))) for i in range(0, 101, spe)]
+    for j, f in ((1, np.square), (2, np.abs)):
+        per_batch = np.array([np.mean(f(y[4 * i:4 * i + 4])) for i in range(101)])
+        want = [np.sum(n[r] * per_batch[r]) / np.sum(n[r]) for r in runs] * 2
+        np.testing.assert_allclose(rows[:, j], want, rtol=1e-6)
+    assert list(rows[:len(runs), 0]) == [r[0] + spe - 1 for r in runs]
+
+
 def test_unknown_or_non_mean_metric_is_refused_clearly():
     model = make_model()
     x, y = data(40)
