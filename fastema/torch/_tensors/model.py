@@ -242,9 +242,9 @@ class TorchModel(Followed):
         """Refuse, naming it, another name of a tracked tensor at construction (a tie, a buffer
         aliasing a parameter) that holds memory of its own now (``m.b.weight =
         nn.Parameter(...)``): an update would leave it out and every export would carry its raw
-        value. Fine where the export carries the model's value anyway (an ignored buffer, a
-        non-persistent one copied, a frozen parameter with ``trainable_only``) and where it now
-        shares another tracked tensor's memory. ``now``:
+        value. Fine where the export carries the model's value anyway (a name ``exclude=`` or
+        ``copy=`` match, an ignored buffer, a non-persistent one copied, a frozen parameter with
+        ``trainable_only``) and where it now shares another tracked tensor's memory. ``now``:
         :func:`~fastema.torch._tensors.slots.tensors_of` the model."""
         untied = [(n, first) for n, first in self.ties.items() if n in now and first in now and
                   local_key(now[n][1]) != local_key(now[first][1])]
@@ -255,8 +255,8 @@ class TorchModel(Followed):
         inner = unwrap(self.model)
         for n, first in untied:
             kind, t, persistent = now[n]
-            if kind == "buffer" and (self.buffers == "ignore" or
-                                     (not persistent and self.buffers == "copy")):
+            if any_matches([n], self.exclude + self.copy_patterns) or kind == "buffer" and (
+                    self.buffers == "ignore" or (not persistent and self.buffers == "copy")):
                 continue
             if (self.trainable_only and frozen(inner, kind, n, t)) or local_key(t) in tracked:
                 continue

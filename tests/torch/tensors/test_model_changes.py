@@ -233,6 +233,24 @@ def test_a_tie_made_again_or_an_ignored_alias_untied_is_fine():
     assert torch.equal(ignoring.averaged_state_dict()["alias"], model.alias)
 
 
+
+@pytest.mark.parametrize("option", ["exclude", "copy"])
+def test_an_alias_named_in_exclude_or_copy_may_be_untied(option):
+    """An alias ``exclude=`` or ``copy=`` names exports the model's own value either way: untying it was
+    refused, telling to exclude= the name already excluded. Updates go on; the export carries the model's
+    value under that name and the average under the weight's."""
+    model = _AliasBuffer()
+    ema = EMA(model, 0.5, **{option: ("alias",)})
+    ema.update()
+    model.alias = model.alias.clone() + 1.0
+    ema.update()
+    sd = ema.averaged_state_dict()
+    assert torch.equal(sd["lin.weight"], model.lin.weight.detach())       # the weight did not move
+    if option == "copy":
+        assert torch.equal(sd["alias"], model.alias)
+    else:
+        assert "alias" not in sd or torch.equal(sd["alias"], model.alias)
+
 # ------------------------------------------------------------------ H3, L6: replaced or reshaped parameters
 
 @pytest.mark.parametrize("replace", ["meta", "parameters_dict", "overwrite_half"])
