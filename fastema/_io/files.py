@@ -45,9 +45,8 @@ _TMP_PREFIX = ".fastema-"
 def atomic_write(path: str, write: Callable) -> None:
     """``write(f)`` into a temporary file in ``path``'s directory, then rename it to ``path``; the
     file gets the mode a plain ``open`` would give (the old file's, else 0666 less the umask). A failed write raises
-    ``OSError`` naming the path and the free space, and leaves the previous file as it was. A link at ``path``
-    stays a link: its target is written (beside it), as ``open`` writes through it, a dangling link's too."""
-    path = os.path.realpath(path)
+    ``OSError`` naming the path and the free space, and leaves the previous file as it was. A ``path`` that is a
+    symbolic link is replaced by the file, its target left as it was (a rename replaces the name it is given)."""
     tmp = _written(path, write, "the previous file is unchanged")
     try:
         os.replace(tmp, path)

@@ -389,11 +389,12 @@ class TorchAverage(TorchFace):
         state that is not a tensor as ``model.state_dict()`` gives it (refused by name for a
         ``.safetensors`` path). The file gets the mode ``torch.save`` would give it (0666 less the
         umask); temporary files left by a save that was killed are removed by the next save to the
-        same path. On a sharded average it is a collective: every rank gathers the full tensors one
-        at a time (see :meth:`full_state_dict`), the first rank of the average's group (global rank
-        0 for an average over every rank) keeps host copies of them (the full model in its host
-        memory) and writes the file. An average holding inf or NaN is refused
-        (:attr:`allow_nonfinite`).
+        same path. A path that is a symbolic link is replaced by the file (``torch.save`` writes
+        through it): its target is left as it was. On a sharded average it is a collective: every
+        rank gathers the full tensors one at a time (see :meth:`full_state_dict`), the first rank of
+        the average's group (global rank 0 for an average over every rank) keeps host copies of them
+        (the full model in its host memory) and writes the file. An average holding inf or NaN is
+        refused (:attr:`allow_nonfinite`).
         """
         with self._checkpoint.nonfinite.allowing(allow_nonfinite):
             self._checkpoint.save(path, row)
