@@ -75,8 +75,8 @@ class ShadowSwap:
                 raise ValueError(f"{kind}: the raw weights cannot go back: the model changed while "
                                  f"average {row} was in it ({err.change}). The model holds average "
                                  f"{row} and its raw weights are in the {kind}: undo the change (its "
-                                 f"dtype, shape or layout back as it was) and call swap() to put them "
-                                 f"back; a new {kind} would lose them") from err
+                                 f"dtype, shape, layout or device back as it was) and call swap() to put "
+                                 f"them back; a new {kind} would lose them") from err
             return
         gathering: list = []                           # a split average's way back is a collective
         try:
