@@ -81,6 +81,8 @@ _BOOLS = (bool, np.bool_)
 def metric_values(x, what: str):
     """``(kind, flat kernel view of the bits, (framework, device), shape)`` of metric values:
     a Python or NumPy number (float64), a NumPy array or a torch tensor (float64 allowed)."""
+    if x.__class__ is float or x.__class__ is int:             # (a logged loss.item(): no adapter walk)
+        x = np.asarray([x], np.float64)
     backend = backend_of(x)
     if backend is None and isinstance(x, _NUMBERS) and not isinstance(x, _BOOLS):  # no adapter's
         x = np.asarray([x], np.float64)

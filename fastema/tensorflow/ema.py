@@ -163,7 +163,6 @@ class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
     def swapped(self) -> bool:
         return self._swap.swapped
 
-    @tf.autograph.experimental.do_not_convert      # graph code as written: AutoGraph would rewrite fastema's own
     def update(self, step: int | None = None) -> tf.Tensor | None:
         """Fold the variables' current values into the average (call after the optimizer step).
 
@@ -194,7 +193,8 @@ class EMA(tf.Module, Face, FaceMemory, FaceNonFinite):
         self._run(lambda: self._rt.apply(tf.constant(_NO_STEP if step is None else step, tf.int64)))
         return None
 
-    def _traced_update(self, step):
+    @tf.autograph.experimental.do_not_convert      # graph code as written (AutoGraph would rewrite it): the
+    def _traced_update(self, step):                # eager update() pays no wrapper
         if not self._on_cpu:
             devices = sorted({g.device for g in self._core.shadow.layout.groups})
             raise RuntimeError(f"fastema.tensorflow.EMA.update() inside a tf.function runs on the host and reads "
