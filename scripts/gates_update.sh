@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rewrite sections of bench/gates.json where CI measures them: clean clones of HEAD, each with a .venv of
 # its own (scripts/setup.sh, the extras scripts/test.sh installs); the instructions are each scenario's
-# median over the clones, the other sections (exact) the first clone's. Each clone lies at another path,
+# median over the clones, the other sections the first clone's (counts and sass are exact; the ratios,
+# timings, are best rewritten on a quiet machine: python -m bench.gates update --only ratios). Each clone lies at another path,
 # and the paths move the heap's layout: the same commit counted up to 1.8% apart on a scenario from one
 # clone to the next (2026-11-29), 1.9% in the working tree's own .venv, so one run's figure can sit at
 # one end of the spread CI then draws from.
