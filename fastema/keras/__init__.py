@@ -5,10 +5,10 @@
     model.fit(x, y, callbacks=[fastema.keras.MovingAverageLogs(ema=0.9, sma=50)])
 
 Keras logs ``loss`` as the running mean since the start of the epoch. ``loss_raw`` is the
-loss of each batch alone, as Keras computed it: the running mean keeps its last batches'
-shares where Keras adds them to its float32 sum, so an uneven last batch,
-``steps_per_execution > 1`` and the reset at each epoch are all accounted for. The EMA and
-SMA of ``loss_raw`` continue across epochs: no staircase at epoch boundaries.
+loss of each batch alone, recovered exactly from the running mean's state (its sum and
+cumulative sample count), so an uneven last batch, ``steps_per_execution > 1`` and the
+reset at each epoch are all accounted for. The EMA and SMA of ``loss_raw`` continue across
+epochs: no staircase at epoch boundaries.
 
 ``WeightEMA`` keeps an EMA of the weights (fastema.torch, .tensorflow or .jax by backend), swaps it in
 for validation and back after it, and can write it into the model when ``fit`` ends. Its average goes

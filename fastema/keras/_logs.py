@@ -1,12 +1,11 @@
 """MovingAverageLogs: the per-batch value of Keras's running-mean metrics, and its EMA and SMA, in
 the logs.
 
-Keras logs ``loss`` as the running mean since the start of the epoch, a float32 sum and count.
-``loss_raw`` is the loss of each batch alone, as Keras computed it: the running mean keeps the
-share (sum) and count of its last updates where Keras adds them (:mod:`._shares`), read with its
-sum and count, so an uneven last batch, ``steps_per_execution > 1`` and the reset at each epoch
-are all accounted for, and a small loss after large ones is not lost in the float32 sum. The EMA
-and SMA of ``loss_raw`` continue across epochs: no staircase at epoch boundaries.
+Keras logs ``loss`` as the running mean since the start of the epoch. ``loss_raw`` is the
+loss of each batch alone, recovered exactly from the running mean's state (its sum and
+cumulative sample count), so an uneven last batch, ``steps_per_execution > 1`` and the
+reset at each epoch are all accounted for. The EMA and SMA of ``loss_raw`` continue across
+epochs: no staircase at epoch boundaries.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import numpy as np
 
 from ..track import Tracker
 from ._jax import metric_values
-from ._shares import SHARES, install, last_shares
 
 
 def _is_mean(m) -> bool:
@@ -61,19 +59,11 @@ def _result_names(container, n: int) -> list | None:
 
 
 class _MeanState:
-    """Reads (total, count) of several Keras running means, and the ring of their last updates
-    (:mod:`._shares`) where they keep one, in one device-to-host transfer."""
+    """Reads (total, count) of several Keras running means in one device-to-host transfer."""
 
     def __init__(self, model, metrics: Sequence):
         self.model = model
-        self.variables: list = []
-        self.rings: list = []                     # per metric: the ring's size, or 0
-        for m in metrics:
-            shares = getattr(m, SHARES, None)
-            self.variables += [m.total, m.count]
-            self.rings.append(0 if shares is None else shares.size)
-            if shares is not None:
-                self.variables += [shares.pos, shares.sums, shares.counts]
+        self.variables = [v for m in metrics for v in (m.total, m.count)]
         if keras.backend.backend() == "jax":
             # JAX keeps the training state outside the Variables between syncs; read it there
             # (a full sync every batch would be slow and is what Keras avoids).
@@ -81,41 +71,12 @@ class _MeanState:
             index = {id(v): i for i, v in enumerate(model.metrics_variables)}
             self._jax_index = [index[id(v)] for v in self.variables]
 
-    def read(self) -> tuple[np.ndarray, list]:
-        """The (total, count) rows, and each metric's ring (``[pos, sums..., counts...]``) or
-        None."""
+    def read(self) -> np.ndarray:
         values = list(self.variables)
         if keras.backend.backend() == "jax":
             values = metric_values(self.model, self._jax_index) or values
-        wide = any(str(v.dtype) == "float64" for v in self.variables)
-        dtype = "float64" if wide else "float32"                  # as Keras keeps them
-        flat = keras.ops.concatenate([keras.ops.reshape(keras.ops.cast(v, dtype), (-1,))
-                                      for v in values])
-        flat = np.asarray(keras.ops.convert_to_numpy(flat), np.float64)
-        rows, rings, at = [], [], 0
-        for size in self.rings:
-            rows.append(flat[at:at + 2])
-            rings.append(flat[at + 2:at + 3 + 2 * size] if size else None)
-            at += 2 + (1 + 2 * size if size else 0)
-        return np.array(rows), rings
-
-
-def _per_batch(now: np.ndarray, prev: np.ndarray, rings: list, steps: int) -> np.ndarray:
-    """Each metric's value over the updates since the last report: from its ring where it keeps one
-    (exact), else the difference of its float32 sum and count since the last report, exact at the
-    first report of an epoch (from zero) and off by up to half a float32 step of the sum per update
-    later: NaN where that could be more than 1e-3 of the difference."""
-    d_total, d_count = (now - prev).T
-    with np.errstate(invalid="ignore", divide="ignore"):
-        raw = np.where(d_count > 0, d_total / np.where(d_count > 0, d_count, 1.0), np.nan)
-    step = np.spacing(np.maximum(np.abs(now), np.abs(prev)).astype(np.float32)).astype(np.float64)
-    unsure = (prev[:, 1] != 0) & (steps * step[:, 0] / 2 > 1e-3 * np.abs(d_total))
-    raw[unsure] = np.nan
-    for j, ring in enumerate(rings):
-        if ring is not None and d_count[j] > 0:
-            kept = last_shares(ring, (len(ring) - 1) // 2, steps, d_count[j], steps * step[j, 1])
-            raw[j] = raw[j] if kept is None else kept
-    return raw
+        stacked = keras.ops.stack([keras.ops.cast(v, "float32") for v in values])   # Keras keeps them in float32
+        return np.asarray(keras.ops.convert_to_numpy(stacked), np.float64).reshape(-1, 2)
 
 
 class MovingAverageLogs(keras.callbacks.Callback):
@@ -145,13 +106,6 @@ class MovingAverageLogs(keras.callbacks.Callback):
     The metrics are looked up when ``fit`` starts, or, where Keras builds the compiled
     metrics in the first training step (the TensorFlow backend), at the end of that step; a
     name the model does not report as a running mean is refused then, with the names it has.
-
-    Each running mean (Keras's ``Mean``: the loss, and ``MeanMetricWrapper`` metrics such as mae
-    or accuracy) is made to keep its last ``steps_per_execution`` batches' shares (a sub-metric of
-    three variables; Keras does not save metric variables); a step traced before that is traced
-    again (on TensorFlow, once, at the second batch where the compiled metrics are asked for). A
-    running mean of another kind gives the difference of its float32 sum instead: exact at an
-    epoch's first report, and NaN where the sum's rounding could be more than 1e-3 of it.
     """
 
     def __init__(self, ema=0.9, sma: int | None = 50, raw: bool = True, metrics: Sequence[str] = ("loss",)):
@@ -162,7 +116,7 @@ class MovingAverageLogs(keras.callbacks.Callback):
         self.ema, self.sma, self.raw = ema, sma, raw
         self.tracker = Tracker(self.metrics, ema=ema, sma=sma)    # checks the arguments now
         self._reader: _MeanState | None = None
-        self._prev, self._batch = None, -1
+        self._prev = None
         self._row: dict[str, float] = {}
 
     def on_train_begin(self, logs=None):
@@ -190,28 +144,21 @@ class MovingAverageLogs(keras.callbacks.Callback):
             raise ValueError(f"MovingAverageLogs: the model reports no running-mean metric {missing}; "
                              f"it has {sorted(logged)}. Only metrics Keras averages over the epoch "
                              f"(loss and mean-type metrics such as mae or accuracy) have a per-batch value.")
-        means = [found[m] for m in self.metrics]
-        # Each batch's own share, kept where Keras adds it (._shares). Not into a JAX fit under way:
-        # its state holds the metric variables there were when it started.
-        if not (first_batch and keras.backend.backend() == "jax"):
-            size = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
-            added = [install(m, size) for m in means]
-            if any(added) and getattr(self.model, "train_function", None) is not None:
-                self.model.make_train_function(force=True)   # a step traced before keeps none
-        self._reader = _MeanState(self.model, means)
+        self._reader = _MeanState(self.model, [found[m] for m in self.metrics])
 
     def on_epoch_begin(self, epoch, logs=None):
-        # Keras resets its metrics at each epoch
-        self._prev, self._batch = np.zeros((len(self.metrics), 2)), -1
+        self._prev = np.zeros((len(self.metrics), 2))          # Keras resets its metrics at each epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if self._reader is None:
             self._resolve(first_batch=True)
         if self._prev is None:
-            self._prev, self._batch = np.zeros((len(self.metrics), 2)), -1
-        now, rings = self._reader.read()
-        raw = _per_batch(now, self._prev, rings, max(1, batch - self._batch))
-        self._prev, self._batch = now, batch
+            self._prev = np.zeros((len(self.metrics), 2))
+        now = self._reader.read()
+        d_total, d_count = (now - self._prev).T
+        self._prev = now
+        with np.errstate(invalid="ignore", divide="ignore"):
+            raw = np.where(d_count > 0, d_total / np.where(d_count > 0, d_count, 1.0), np.nan)
         self.tracker.update(raw)
         row = self.tracker.read()
         if self.raw:
