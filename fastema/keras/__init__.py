@@ -5,8 +5,8 @@
     model.fit(x, y, callbacks=[fastema.keras.MovingAverageLogs(ema=0.9, sma=50)])
 
 Keras logs ``loss`` as the running mean since the start of the epoch. ``loss_raw`` is the
-loss of each batch alone, recovered exactly from the running mean's state (its sum and
-cumulative sample count), so an uneven last batch, ``steps_per_execution > 1`` and the
+loss of each batch alone, recovered from the running mean's state (its float32 sum and
+cumulative sample count: a batch small beside the epoch's sum carries the sum's rounding), so an uneven last batch, ``steps_per_execution > 1`` and the
 reset at each epoch are all accounted for. The EMA and SMA of ``loss_raw`` continue across
 epochs: no staircase at epoch boundaries.
 
