@@ -446,19 +446,3 @@ def test_the_counters_see_allocations_syncs_leaks_and_collectives(gates):
         with pytest.raises(Exception):                  # no process group here: counted, then refused
             dist.all_reduce(torch.zeros(1))
     assert counters.c["collectives"] == 1
-
-
-def test_the_clones_median_keeps_each_scenarios_middle_count_and_names_a_wide_spread(gates):
-    a, b = "cpu EMA.update, 6 tensors", "cpu torch.lerp_, 1 tensors"
-    runs = [{"instructions": {a: 100, b: 13_701}, "counts": {"x": 1}},
-            {"instructions": {a: 104, b: 13_443}, "counts": {"x": 2}},
-            {"instructions": {a: 101, b: 13_435}, "counts": {"x": 3}}]
-    out, notes = gates.record.clones_median(runs)
-    assert out["instructions"] == {a: 101, b: 13_443}
-    assert out["counts"] == {"x": 1} and runs[0]["instructions"][a] == 100       # the first run's, not changed
-    assert notes == [f"{a}: 100 to 104 over the 3 clones", f"{b}: 13,435 to 13,701 over the 3 clones"]
-    assert gates.record.clones_median(runs[:2])[0]["instructions"] == {a: 100, b: 13_443}   # the lower middle
-    with pytest.raises(ValueError, match="run 2 counts other scenarios than run 1"):
-        gates.record.clones_median([runs[0], {"instructions": {a: 1}}])
-    with pytest.raises(ValueError, match="no runs"):
-        gates.record.clones_median([])
