@@ -3,9 +3,10 @@ the logs.
 
 Keras logs ``loss`` as the running mean since the start of the epoch. ``loss_raw`` is the
 loss of each batch alone, recovered from the running mean's state (its float32 sum and
-cumulative sample count: a batch small beside the epoch's sum carries the sum's rounding), so an uneven last batch, ``steps_per_execution > 1`` and the
-reset at each epoch are all accounted for. The EMA and SMA of ``loss_raw`` continue across
-epochs: no staircase at epoch boundaries.
+cumulative sample count: a batch small beside the epoch's sum carries the sum's rounding),
+so an uneven last batch, ``steps_per_execution > 1`` and the reset at each epoch are all
+accounted for. The EMA and SMA of ``loss_raw`` continue across epochs: no staircase at epoch
+boundaries.
 """
 from __future__ import annotations
 
