@@ -23,6 +23,16 @@ from fastema.keras import MovingAverageLogs, WeightEMA  # noqa: E402
 from fastema.schedules import BEMA, PowerFunction, PowerWarmup  # noqa: E402
 
 
+def _ran(backend: str, source: str, name: str, capsys) -> dict:
+    """The JSON a registered script ``name`` prints last: on torch (this process's Keras backend) run here,
+    elsewhere in that backend's process (:func:`backend_runs.run_on`)."""
+    if backend == "torch":
+        exec(compile(source, name, "exec"), {"__name__": "__main__"})
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pytest.importorskip(backend)
+    return run_on(backend, name)
+
+
 class BatchLosses(keras.callbacks.Callback):
     """The loss and MAE of each batch, computed independently before the step, in float64."""
 
@@ -150,12 +160,7 @@ def test_a_multi_output_models_metrics_are_taken_by_the_names_keras_logs(backend
     their own name, mae), and mae was a's alone; on JAX both MAEs were read from a's state (the metric
     variables were found by path, which the two share). Each *_raw is its batch's own value, in float64;
     mae is refused, naming a_mae and b_mae."""
-    if backend == "torch":
-        exec(compile(MULTI_OUTPUT, "MULTI_OUTPUT", "exec"), {"__name__": "__main__"})
-        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    else:
-        pytest.importorskip(backend)
-        res = run_on(backend, "MULTI_OUTPUT")
+    res = _ran(backend, MULTI_OUTPUT, "MULTI_OUTPUT", capsys)
     rng = np.random.default_rng(0)
     rng.normal(size=(64, 3))                                # x: the script's draws, in its order
     ya, yb = rng.normal(size=(64, 1)), 10 * rng.normal(size=(64, 1))
@@ -387,12 +392,7 @@ def test_an_average_nan_reached_is_refused_loaded_when_allowed_and_repaired_on_e
     readers (load_average, averaged_weights, a WeightEMA resuming from the file) refuse it by name, each
     offering the road that loads it (allow_nonfinite=True) and repair_nonfinite(); on TensorFlow and JAX the
     swap and write_at_end let it in, there was no repair_nonfinite() and no way to load the file."""
-    if backend == "torch":
-        exec(compile(POISONED, "POISONED", "exec"), {"__name__": "__main__"})
-        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    else:
-        pytest.importorskip(backend)
-        res = run_on(backend, "POISONED")
+    res = _ran(backend, POISONED, "POISONED", capsys)
     advice = "To load it all the same and repair it, pass allow_nonfinite=True"
     assert advice in res["resume"] and "holds inf or NaN" in res["resume"]
     for key in ("resume_warned", "raw_finite", "save_warned", "file_warned", "allowed_weights_nan", "repaired",
@@ -857,12 +857,7 @@ def test_weight_ema_average_is_saved_with_the_model_and_resumed_bit_exactly(back
     model continues it: after one more epoch, average and weights equal an uninterrupted 2-epoch run's
     bit for bit. Side by side with Keras's use_ema, whose average survives save/load too (an optimizer
     variable: not with compile=False, where WeightEMA's does). Refusals leave everything as it was."""
-    if backend == "torch":
-        exec(compile(SAVE_LOAD, "SAVE_LOAD", "exec"), {"__name__": "__main__"})
-        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    else:
-        pytest.importorskip(backend)
-        res = run_on(backend, "SAVE_LOAD")
+    res = _ran(backend, SAVE_LOAD, "SAVE_LOAD", capsys)
     for key in ("first_epoch_equal", "loaded_equal", "averaged_weights_equal", "averaged_is_row0", "resumed_equal",
                 "weights_equal", "checkpoint_keras", "checkpoint_weights_only", "load_weights_live",
                 "rolled_back_resumes", "resaved_equal", "plain_keras_loads", "compile_false_kept", "use_ema_survives",
@@ -1398,13 +1393,7 @@ def test_an_average_resumed_after_other_layers_were_frozen_is_each_variables_own
     now keyed by its place in model.variables: the resumed WeightEMA averages b, c and d as the live
     callback went on doing, and after one more fit equals an uninterrupted run bit for bit. A live
     callback averaging other variables refuses the file naming them by path, nothing changed."""
-    if backend == "torch":
-        source = FROZEN_BETWEEN_SAVE_AND_RESUME
-        exec(compile(source, "FROZEN_BETWEEN_SAVE_AND_RESUME", "exec"), {"__name__": "__main__"})
-        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    else:
-        pytest.importorskip(backend)
-        res = run_on(backend, "FROZEN_BETWEEN_SAVE_AND_RESUME")
+    res = _ran(backend, FROZEN_BETWEEN_SAVE_AND_RESUME, "FROZEN_BETWEEN_SAVE_AND_RESUME", capsys)
     assert res["averaged"] == ["b/bias", "b/kernel", "c/bias", "c/kernel", "d/bias", "d/kernel"], res["averaged"]
     assert res["same_keys"] and res["bit_for_bit"] and res["weights_equal"]
     assert res["updates"] == [8, 8]
